@@ -1,0 +1,41 @@
+# hvagent: `make demo` and `make test` are all a newcomer needs on a fresh Debian 12 host.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTHON := $(abspath $(PY))
+export PYTHON
+
+.PHONY: all host venv images demo test test-unit test-integration lint clean
+
+all: test
+
+host:
+	@bash .ci/host-setup
+
+$(VENV)/.installed: pyproject.toml | host
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,dev]'
+	touch $@
+
+venv: host $(VENV)/.installed
+
+include images/images.mk
+
+images: venv
+
+demo: venv images
+	$(VENV)/bin/hvagent demo
+
+test: venv images
+	$(VENV)/bin/pytest tests
+
+test-unit: venv
+	$(VENV)/bin/pytest tests/unit
+
+lint: venv
+	$(VENV)/bin/ruff check agent tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) images/cache/out

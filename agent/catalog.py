@@ -1,0 +1,189 @@
+"""The catalog: immutable base images in a store directory, with manifests and states.
+
+A file to publish is hostile until checked. It is copied into the store under a temporary
+name first (hashing while copying), and every check runs on that private copy, so the bytes
+checked are the bytes kept. Only then is it fsynced, renamed and recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import imageinfo, qcow2
+from agent.config import Config
+from agent.errors import Conflict, EnvError, ImageRefused, InputError, NotFound
+from agent.manifest import Manifest, load_manifest
+from agent.state import ImageRow, ImageState, State
+from agent.version import Track, Version
+
+CHUNK = 4 << 20
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    row: ImageRow
+    vms: int
+
+
+def default_manifest_path(image: Path) -> Path:
+    return image.with_suffix(".yaml")
+
+
+class Catalog:
+    def __init__(self, cfg: Config, state: State) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.store = cfg.store
+
+    def _ensure_store(self) -> None:
+        try:
+            self.store.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.store, 0o755)  # QEMU runs as an unprivileged user and must read bases
+        except OSError as e:
+            raise EnvError(f"{self.store}: cannot create the image store ({e.strerror})") from e
+
+    def path_for(self, m: Manifest) -> Path:
+        return self.store / m.name / f"{m.name}-{m.version}.qcow2"
+
+    # publish -------------------------------------------------------------------------------
+    def publish(self, image: Path, manifest_path: Path | None = None,
+                progress: Progress | None = None) -> ImageRow:
+        manifest_path = manifest_path or default_manifest_path(image)
+        m = load_manifest(manifest_path)
+        if image.is_symlink():
+            raise ImageRefused(f"{image}: is a symbolic link; publish the file itself")
+        if not image.is_file():
+            raise InputError(f"{image}: no such image file")
+        if self.state.image(m.name, m.version) is not None:
+            raise Conflict(f"image {m.ref}: already in the catalog (published images never change)")
+        self._ensure_store()
+        final = self.path_for(m)
+        final.parent.mkdir(mode=0o755, exist_ok=True)
+        tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
+        intent = self.state.begin("publish", m.ref, {"tmp": str(tmp), "final": str(final)})
+        linked = False
+        try:
+            digest = _copy_hashing(image, tmp, progress)
+            if digest != m.sha256:
+                raise ImageRefused(f"{image}: sha256 {digest} differs from the manifest's {m.sha256}")
+            header, info = imageinfo.inspect(tmp, self.cfg.max_virtual_size)
+            if header.size != m.virtual_size:
+                raise ImageRefused(
+                    f"{image}: virtual size {header.size} differs from the manifest's {m.virtual_size}")
+            os.chmod(tmp, 0o444)
+            try:
+                os.link(tmp, final)  # fails if a concurrent publish already placed this version
+            except FileExistsError as e:
+                raise Conflict(f"image {m.ref}: already being published") from e
+            linked = True
+            _fsync_dir(final.parent)
+            row = ImageRow(m.name, m.version, m.family, m.parsed_version.minor, digest, str(final),
+                           header.size, ImageState.ACTIVE, m.model_dump(mode="json"), self.state.clock())
+            self.state.add_image(row)
+            self.state.event("image.published", f"{m.ref} sha256={digest[:12]} firmware={m.firmware}")
+            return row
+        except BaseException:
+            if linked and self.state.image(m.name, m.version) is None:
+                final.unlink(missing_ok=True)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+            self.state.done(intent)
+
+    def recover(self) -> None:
+        """Finish or undo publishes interrupted by a crash: no temp file, no file without a row."""
+        for it in self.state.pending():
+            if it.op != "publish":
+                continue
+            name, _, version = it.target.rpartition("-")
+            Path(it.intent["tmp"]).unlink(missing_ok=True)
+            if self.state.image(name, version) is None:
+                Path(it.intent["final"]).unlink(missing_ok=True)
+            self.state.done(it.id)
+
+    # queries -------------------------------------------------------------------------------
+    def entries(self) -> list[CatalogEntry]:
+        users = Counter((v.image, v.version) for v in self.state.vms())
+        return [CatalogEntry(r, users[(r.name, r.version)]) for r in self.state.images()]
+
+    def resolve(self, track: Track) -> ImageRow:
+        rows = self.state.images()
+        available = [(r.name, Version.parse(r.version)) for r in rows]
+        usable = [(r.name, Version.parse(r.version)) for r in rows if r.state is ImageState.ACTIVE]
+        version = track.resolve(available, usable)
+        row = self.state.image(track.name, str(version))
+        assert row is not None
+        return row
+
+    def get(self, ref: str) -> ImageRow:
+        name, _, version = ref.rpartition("-")
+        row = self.state.image(name, version) if name else None
+        if row is None:
+            raise NotFound(f"image: {ref!r} is not in the catalog")
+        return row
+
+    def base_for_use(self, row: ImageRow) -> Path:
+        """The base file, re-checked (header, size, read-only) every time it is used."""
+        path = Path(row.path)
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise EnvError(f"{path}: base image of {row.ref} is missing from the store") from e
+        if st.st_mode & 0o222:
+            raise ImageRefused(f"{path}: base image of {row.ref} is writable; the store was tampered with")
+        header = qcow2.read_header(path)
+        if header.size != row.virtual_size:
+            raise ImageRefused(f"{path}: base image of {row.ref} changed size since publish")
+        return path
+
+    def verify(self, row: ImageRow) -> bool:
+        """Full sha256 check of a stored base (invariant 1)."""
+        return _sha256(Path(row.path)) == row.sha256
+
+
+def _copy_hashing(src: Path, dst: Path, progress: Progress | None) -> str:
+    h = hashlib.sha256()
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise ImageRefused(f"{src}: cannot open ({e.strerror})") from e
+    try:
+        total = os.fstat(fd).st_size
+        done = 0
+        with open(fd, "rb", closefd=False) as fin, open(dst, "xb") as fout:
+            while chunk := fin.read(CHUNK):
+                h.update(chunk)
+                fout.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+            fout.flush()
+            os.fsync(fout.fileno())
+    except OSError as e:
+        dst.unlink(missing_ok=True)
+        raise EnvError(f"{dst}: cannot write into the image store ({e.strerror})") from e
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

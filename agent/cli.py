@@ -1,0 +1,265 @@
+"""The ``hvagent`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from agent import config as config_mod
+from agent.errors import HvError, HealthError
+from agent.health import run as ssh_run
+from agent.host import Host
+from agent.spec import load_spec
+from agent.state import host_lock
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="hvagent: run tenants' VMs from versioned qcow2 guest OS images on libvirt.")
+images_app = typer.Typer(no_args_is_help=True, help="The image catalog: publish and list guest OS images.")
+app.add_typer(images_app, name="images")
+
+out = Console()
+err = Console(stderr=True)
+
+
+@dataclass
+class Ctx:
+    config: Path | None = None
+    state_dir: Path | None = None
+    debug: bool = False
+    _host: Host | None = None
+
+    def cfg(self) -> config_mod.Config:
+        return config_mod.load(self.config, state_dir=self.state_dir)
+
+    def host(self) -> Host:
+        if self._host is None:
+            self._host = Host(self.cfg())
+        return self._host
+
+
+CTX = Ctx()
+
+
+@app.callback()
+def _main(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="configuration file")] = None,
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="override state_dir")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+) -> None:
+    CTX.config, CTX.state_dir, CTX.debug = config, state_dir, debug
+
+
+@contextmanager
+def mutating() -> Iterator[Host]:
+    """Mutations on one host are serialized by a lock; each first finishes any interrupted work."""
+    host = CTX.host()
+    with host_lock(host.cfg.state_dir):
+        host.recover()
+        yield host
+
+
+def _ts(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# images ------------------------------------------------------------------------------------
+@images_app.command("publish")
+def images_publish(
+    file: Annotated[Path, typer.Argument(help="qcow2 image file")],
+    manifest: Annotated[Path | None, typer.Option("--manifest", "-m", help="default: FILE with .yaml")] = None,
+) -> None:
+    """Check a qcow2 image (hostile until proven otherwise) and add it to the catalog."""
+    with mutating() as host, Progress(TextColumn("publish"), BarColumn(), DownloadColumn(),
+                                      TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("copy", total=None)
+        row = host.catalog.publish(file, manifest, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    out.print(f"published {row.ref} (family {row.family}, sha256 {row.sha256[:16]}…) -> {row.path}")
+
+
+@images_app.command("list")
+def images_list(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """Images in the catalog: family, version, sha256, state and how many VMs use each."""
+    entries = CTX.host().catalog.entries()
+    if as_json:
+        _emit_json([{"name": e.row.name, "family": e.row.family, "version": e.row.version, "state": e.row.state,
+                     "sha256": e.row.sha256, "virtual_size": e.row.virtual_size, "vms": e.vms,
+                     "firmware": e.row.manifest.get("firmware"), "path": e.row.path,
+                     "published_at": _ts(e.row.published_at)} for e in entries])
+        return
+    table = Table("IMAGE", "FAMILY", "VERSION", "STATE", "FIRMWARE", "SHA256", "VMS")
+    for e in entries:
+        table.add_row(e.row.name, str(e.row.family), e.row.version, e.row.state, str(e.row.manifest.get("firmware")),
+                      e.row.sha256[:12], str(e.vms))
+    out.print(table)
+
+
+# VMs ---------------------------------------------------------------------------------------
+@app.command()
+def apply(
+    spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="YAML file of VMs")],
+    wait: Annotated[bool, typer.Option(help="wait until each new VM is healthy")] = True,
+) -> None:
+    """Converge this host to SPEC: create the VMs it lacks and wait until they are healthy."""
+    spec = load_spec(spec_file)
+    with mutating() as host:
+        created: list[str] = []
+        for vm in spec.vms:
+            existing = host.state.vm(vm.name)
+            if existing is not None:
+                if existing.owner != vm.owner:
+                    raise HvError(f"{spec_file}: vms: {vm.name}: owned by another owner")
+                if existing.spec_hash != vm.digest():
+                    err.print(f"[yellow]{vm.name}: spec changed; changes to an existing VM are not applied "
+                              "yet (destroy it and apply again)[/]")
+                continue
+            # Resolve every track before creating anything, so a bad track changes nothing.
+            host.catalog.resolve(vm.track)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as bar:
+            for vm in spec.vms:
+                if host.state.vm(vm.name) is not None:
+                    continue
+                task = bar.add_task(f"{vm.name}: provisioning", total=None)
+                host.provisioner.create(vm, say=lambda m, t=task: bar.update(t, description=m))
+                bar.update(task, description=f"{vm.name}: booting")
+                created.append(vm.name)
+            failures: list[str] = []
+            if wait:
+                for name in created:
+                    task = bar.add_task(f"{name}: waiting for health", total=None)
+                    try:
+                        host.provisioner.wait(name)
+                        bar.update(task, description=f"{name}: healthy", completed=1, total=1)
+                    except HealthError as e:
+                        failures.append(f"{name}: {e.message}")
+                        bar.update(task, description=f"{name}: failed", completed=1, total=1)
+    if not created:
+        out.print("nothing to do: the host already matches the spec")
+    else:
+        out.print(f"created {len(created)} VM(s): {', '.join(created)}")
+    if failures:
+        raise HealthError("; ".join(failures))
+
+
+@app.command()
+def ps(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """VMs on this host: name, owner, version, track, state and SSH endpoint."""
+    host = CTX.host()
+    rows = host.state.vms()
+    live = host.virt.managed_states() if rows else {}
+    items = []
+    for r in rows:
+        endpoint = f"127.0.0.1:{r.host_port}" if r.host_port else "network"
+        items.append({"name": r.name, "owner": r.owner, "image": r.image, "version": r.version, "track": r.track,
+                      "state": r.state, "domain": live.get(r.name, "missing"), "ssh": endpoint, "reason": r.reason})
+    if as_json:
+        _emit_json(items)
+        return
+    table = Table("NAME", "OWNER", "VERSION", "TRACK", "STATE", "DOMAIN", "SSH")
+    for i in items:
+        table.add_row(i["name"], i["owner"], f"{i['image']}-{i['version']}", i["track"], i["state"], i["domain"],
+                      i["ssh"])
+    out.print(table)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssh(
+    name: Annotated[str, typer.Argument(help="VM name")],
+    command: Annotated[list[str] | None, typer.Argument(help="command to run (after --)")] = None,
+) -> None:
+    """Open a shell in a guest, or run a command, checking the VM's pinned host key."""
+    host = CTX.host()
+    row = host.provisioner._row(name)
+    ep = host.provisioner.endpoint(row)
+    if command:
+        r = ssh_run(ep, host.provisioner.agent_key.private, " ".join(command), timeout=300)
+        sys.stdout.write(r.stdout)
+        sys.stderr.write(r.stderr)
+        raise typer.Exit(r.status)
+    with tempfile.NamedTemporaryFile("w", suffix=".known_hosts", delete=False) as kh:
+        kh.write(f"[{ep.host}]:{ep.port} {ep.host_key}\n")
+    os.execvp("ssh", ["ssh", "-o", f"UserKnownHostsFile={kh.name}", "-o", "StrictHostKeyChecking=yes",
+                      "-o", "IdentitiesOnly=yes", "-i", str(host.cfg.agent_key), "-p", str(ep.port),
+                      f"{ep.user}@{ep.host}"])
+
+
+@app.command()
+def destroy(
+    name: Annotated[str, typer.Argument(help="VM name")],
+    purge: Annotated[bool, typer.Option("--purge", help="also delete the data disk")] = False,
+) -> None:
+    """Remove a VM's domain, overlay and seed; its data disk is kept unless --purge."""
+    with mutating() as host:
+        host.provisioner.destroy(name, purge=purge)
+    out.print(f"destroyed {name}" + (" (data disk purged)" if purge else " (data disk kept)"))
+
+
+@app.command()
+def events(
+    vm: Annotated[str | None, typer.Option("--vm", help="only this VM")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """What happened on this host, oldest first."""
+    evs = CTX.host().state.events(vm)
+    if as_json:
+        _emit_json([{"ts": _ts(e.ts), "vm": e.vm, "kind": e.kind, "message": e.message, "duration": e.duration}
+                    for e in evs])
+        return
+    table = Table("TIME", "VM", "EVENT", "MESSAGE", "DURATION")
+    for e in evs:
+        table.add_row(_ts(e.ts), e.vm or "-", e.kind, e.message, f"{e.duration:.1f}s" if e.duration else "")
+    out.print(table)
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option("--keep", help="leave the demo VMs running")] = False,
+    images_dir: Annotated[Path, typer.Option(help="where `make images` put the images")] = Path("images/cache/out"),
+) -> None:
+    """Publish tiny 1.0 and 2.0, run three VMs on them, show each guest's version."""
+    from agent.demo import run_demo
+
+    run_demo(CTX, images_dir, keep, out, err)
+
+
+def main() -> None:
+    start = time.monotonic()
+    try:
+        app(standalone_mode=False)
+    except HvError as e:
+        if CTX.debug:
+            raise
+        err.print(f"hvagent: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+    finally:
+        if CTX._host is not None:
+            CTX._host.close()
+        del start

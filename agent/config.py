@@ -1,0 +1,82 @@
+"""Host configuration: one frozen, typed model; defaults and help live here only."""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.errors import InputError
+
+DEFAULT_CONFIG = Path("/etc/hvagent/config.yaml")
+GiB = 1 << 30
+
+
+class Accel(StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    QEMU = "qemu"
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    state_dir: Path = Field(Path("/var/lib/hvagent"), description="SQLite state, VM disks and seeds")
+    store_dir: Path | None = Field(None, description="image store; default STATE_DIR/images")
+    libvirt_uri: str = Field("qemu:///system", description="libvirt connection URI")
+    accelerator: Accel = Field(Accel.AUTO, description="auto: KVM only if a probe guest runs under KVM")
+    max_virtual_size: int = Field(64 * GiB, gt=0, description="largest image virtual size accepted")
+    max_data_disk_gib: int = Field(512, gt=0, description="largest data disk a spec may ask for")
+    port_min: int = Field(22200, ge=1024, le=65535, description="first 127.0.0.1 port for SSH forwards")
+    port_max: int = Field(22999, ge=1024, le=65535, description="last 127.0.0.1 port for SSH forwards")
+    health_timeout: float = Field(120.0, gt=0, description="seconds a new VM has to become healthy")
+    shutdown_timeout: float = Field(30.0, gt=0, description="seconds of ACPI shutdown before forcing off")
+    ssh_key: Path | None = Field(None, description="hvagent's own SSH key; default STATE_DIR/id_ed25519")
+
+    @property
+    def store(self) -> Path:
+        return self.store_dir or self.state_dir / "images"
+
+    @property
+    def vm_dir(self) -> Path:
+        return self.state_dir / "vms"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "state.db"
+
+    @property
+    def agent_key(self) -> Path:
+        return self.ssh_key or self.state_dir / "id_ed25519"
+
+
+def load(path: Path | None = None, **overrides: object) -> Config:
+    """Read the configuration file (if any), then apply non-None overrides."""
+    env = os.environ.get("HVAGENT_CONFIG")
+    source = path or (Path(env) if env else None) or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    data: dict[str, object] = {}
+    if source is not None:
+        try:
+            loaded = yaml.safe_load(source.read_text())
+        except OSError as e:
+            raise InputError(f"{source}: cannot read configuration ({e.strerror})") from e
+        except yaml.YAMLError as e:
+            raise InputError(f"{source}: not valid YAML ({e.__class__.__name__})") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise InputError(f"{source}: configuration must be a mapping of settings")
+        data.update(loaded or {})
+    if "HVAGENT_STATE_DIR" in os.environ and "state_dir" not in overrides:
+        data["state_dir"] = os.environ["HVAGENT_STATE_DIR"]
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise InputError(f"{source or 'configuration'}: {field}: {err['msg']}") from e
+    if cfg.port_min > cfg.port_max:
+        raise InputError(f"{source or 'configuration'}: port_min must not exceed port_max")
+    return cfg

@@ -1,0 +1,113 @@
+"""Guest health and guest commands over SSH, always with the VM's pinned host key."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paramiko
+import tenacity
+
+from agent.errors import HealthError
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    user: str
+    host_key: str  # "ssh-ed25519 AAAA... [comment]": the only key the guest may present
+
+
+@dataclass(frozen=True)
+class Result:
+    status: int
+    stdout: str
+    stderr: str
+
+
+def _client(ep: Endpoint, agent_key: str, timeout: float) -> paramiko.SSHClient:
+    ktype, b64 = ep.host_key.split()[:2]
+    client = paramiko.SSHClient()
+    key = paramiko.PKey.from_type_string(ktype, base64.b64decode(b64))
+    name = ep.host if ep.port == 22 else f"[{ep.host}]:{ep.port}"
+    client.get_host_keys().add(name, ktype, key)
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    pkey = paramiko.Ed25519Key.from_private_key(io.StringIO(agent_key))
+    client.connect(ep.host, ep.port, username=ep.user, pkey=pkey, timeout=timeout, banner_timeout=timeout,
+                   auth_timeout=timeout, allow_agent=False, look_for_keys=False)
+    return client
+
+
+def run(ep: Endpoint, agent_key: str, command: str, timeout: float = 30.0) -> Result:
+    client = _client(ep, agent_key, min(timeout, 15.0))
+    try:
+        _, out, err = client.exec_command(command, timeout=timeout)
+        status = out.channel.recv_exit_status()
+        return Result(status, out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+    finally:
+        client.close()
+
+
+def os_release(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip():
+            parts = shlex.split(value) if value else [""]
+            out[key.strip()] = parts[0] if parts else ""
+    return out
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    reason: str
+    version_id: str | None = None
+
+
+def check_once(ep: Endpoint, agent_key: str, expected_version_id: str, command: str | None) -> Check:
+    """One health probe: pinned host key, our key accepted, VERSION_ID, optional command."""
+    try:
+        r = run(ep, agent_key, "cat /etc/os-release", timeout=20)
+    except paramiko.BadHostKeyException:
+        return Check(False, "guest presented a host key other than the pinned one")
+    except paramiko.SSHException as e:
+        return Check(False, f"ssh: {e}" if str(e) else "ssh: no answer yet")
+    except (TimeoutError, OSError, EOFError) as e:
+        return Check(False, f"ssh: {e.__class__.__name__}: {e}")
+    version_id = os_release(r.stdout).get("VERSION_ID")
+    if version_id != expected_version_id:
+        return Check(False, f"guest reports VERSION_ID={version_id!r}, expected {expected_version_id!r}", version_id)
+    if command:
+        try:
+            c = run(ep, agent_key, command, timeout=60)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            return Check(False, f"health command: ssh failed: {e}", version_id)
+        if c.status != 0:
+            return Check(False, f"health command exited {c.status}: {c.stderr.strip()[-200:]}", version_id)
+    return Check(True, "healthy", version_id)
+
+
+def wait_healthy(ep: Endpoint, agent_key: str, expected_version_id: str, command: str | None, timeout: float,
+                 *, sleep: Callable[[float], None] = time.sleep, interval: float = 1.0) -> Check:
+    """Probe until healthy or ``timeout`` seconds pass; raise HealthError with the last reason.
+
+    A guest that presents another host key fails at once: that never fixes itself.
+    """
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(timeout),
+        wait=tenacity.wait_fixed(interval),
+        retry=tenacity.retry_if_result(lambda c: not c.ok and "pinned" not in c.reason),
+        sleep=sleep,
+        retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+    )
+    last = retrying(check_once, ep, agent_key, expected_version_id, command)
+    if last is None or not last.ok:
+        reason = last.reason if last else "not probed"
+        raise HealthError(f"{ep.host}:{ep.port}: not healthy within {timeout:.0f}s: {reason}")
+    return last

@@ -1,0 +1,71 @@
+"""Wiring: one object that holds this host's configuration, state, catalog, libvirt and provisioner."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from agent.catalog import Catalog
+from agent.config import Accel, Config
+from agent.domxml import DomainType
+from agent.errors import EnvError
+from agent.provision import Provisioner
+from agent.state import State
+from agent.virt import Virt
+
+
+class Host:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        try:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(cfg.state_dir, 0o711)  # QEMU (unprivileged) must traverse to its disks
+            probe = cfg.state_dir / ".writable"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise EnvError(f"{cfg.state_dir}: state directory is not writable ({e.strerror})",
+                           hint="run as root or set state_dir in the configuration") from e
+        self.state = State(cfg.db_path)
+        self.catalog = Catalog(cfg, self.state)
+        self.virt = Virt(cfg.libvirt_uri)
+        self.provisioner = Provisioner(cfg, self.state, self.catalog, self.virt, self.accelerator)
+        self._accel: DomainType | None = None
+
+    def recover(self) -> None:
+        self.catalog.recover()
+        self.provisioner.recover()
+
+    def accelerator(self) -> DomainType:
+        """``auto`` runs a probe guest under KVM once per host boot and caches what it saw."""
+        if self._accel is not None:
+            return self._accel
+        if self.cfg.accelerator is not Accel.AUTO:
+            self._accel = DomainType(self.cfg.accelerator.value)
+            return self._accel
+        cache = self.cfg.state_dir / "accel.json"
+        boot_id = _boot_id()
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("boot_id") == boot_id:
+                self._accel = DomainType(cached["accel"])
+                return self._accel
+        except (OSError, ValueError, KeyError):
+            pass
+        workdir = self.cfg.state_dir / "probe"
+        workdir.mkdir(mode=0o711, exist_ok=True)
+        self._accel = self.virt.probe_accel(workdir)
+        cache.write_text(json.dumps({"boot_id": boot_id, "accel": self._accel.value}))
+        self.state.event("host.accel", f"probe chose {self._accel.value}")
+        return self._accel
+
+    def close(self) -> None:
+        self.state.close()
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"

@@ -1,0 +1,265 @@
+"""Provisioning: turn a VM spec into an overlay, a seed, an optional data disk and a domain.
+
+Each multi-step operation writes its intent (the files and the domain it will create) to the
+journal first; ``recover`` undoes whatever an interrupted one left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import proc
+from agent.catalog import Catalog
+from agent.config import Config
+from agent.domxml import Disk, Domain, DomainType, Firmware, Metadata, NetworkNic, UserNet
+from agent.errors import Conflict, EnvError, HealthError, InputError, NotFound
+from agent.health import Endpoint, wait_healthy
+from agent.manifest import Manifest
+from agent.seed import KeyPair, load_or_create_keypair, meta_data, new_ed25519, user_data, write_keypair, write_seed
+from agent.spec import NetMode, VmSpec
+from agent.state import ImageRow, State, VmRow, VmState
+from agent.virt import Virt
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    root: Path
+    data: Path
+
+    @classmethod
+    def of(cls, cfg: Config, name: str) -> VmPaths:
+        return cls(cfg.vm_dir / name, cfg.state_dir / "data" / f"{name}.qcow2")
+
+    def os_disk(self, version: str) -> Path:
+        return self.root / f"os-{version}.qcow2"
+
+    @property
+    def seed(self) -> Path:
+        return self.root / "seed.iso"
+
+    @property
+    def nvram(self) -> Path:
+        return self.root / "nvram.fd"
+
+    @property
+    def console(self) -> Path:
+        return self.root / "console.log"
+
+    @property
+    def host_key(self) -> Path:
+        return self.root / "ssh_host_ed25519_key"
+
+
+class Provisioner:
+    def __init__(self, cfg: Config, state: State, catalog: Catalog, virt: Virt,
+                 accel: Callable[[], DomainType]) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.catalog = catalog
+        self.virt = virt
+        self._accel = accel
+        self._agent_key: KeyPair | None = None
+
+    @property
+    def agent_key(self) -> KeyPair:
+        if self._agent_key is None:
+            self._agent_key = load_or_create_keypair(self.cfg.agent_key, "hvagent")
+        return self._agent_key
+
+    # create --------------------------------------------------------------------------------
+    def create(self, spec: VmSpec, say: Say = lambda _: None) -> VmRow:
+        """Create and start one VM; it is not yet known to be healthy (see ``wait``)."""
+        if self.state.vm(spec.name) is not None:
+            raise Conflict(f"vm {spec.name}: already exists")
+        if self.virt.exists(spec.name):
+            raise Conflict(f"vm {spec.name}: a libvirt domain of that name exists and hvagent did not create it")
+        image = self.catalog.resolve(spec.track)
+        manifest = Manifest.model_validate(image.manifest)
+        base = self.catalog.base_for_use(image)
+        if spec.data_disk > self.cfg.max_data_disk_gib:
+            raise InputError(f"data_disk: {spec.data_disk} GiB exceeds this host's limit of "
+                             f"{self.cfg.max_data_disk_gib} GiB")
+        accel = self._accel()
+        paths = VmPaths.of(self.cfg, spec.name)
+        port = self._free_port() if spec.network.mode is NetMode.USER else None
+        vm_uuid = str(uuid.uuid4())
+        now = self.state.clock()
+        row = VmRow(spec.name, spec.owner, spec.image, image.name, image.version, VmState.PROVISIONING, None,
+                    vm_uuid, self._new_mac(), port, f"{spec.name}-{secrets.token_hex(4)}",
+                    spec.model_dump(mode="json"), spec.digest(), now, now)
+        data_existed = paths.data.exists()
+        intent = self.state.begin("provision", spec.name, {"root": str(paths.root), "data": str(paths.data),
+                                                            "data_existed": data_existed})
+        try:
+            self.state.add_vm(row)
+            self.state.event("vm.provisioning", f"{spec.image} -> {image.ref} on {accel}", vm=spec.name)
+            paths.root.mkdir(parents=True, mode=0o711)
+            os.chmod(self.cfg.vm_dir, 0o711)
+            write_keypair(new_ed25519(f"{spec.name} host key"), paths.host_key)
+            say(f"{spec.name}: overlay on {image.ref}")
+            make_overlay(base, paths.os_disk(image.version))
+            self._write_seed(row, paths)
+            if spec.data_disk:
+                if data_existed:
+                    say(f"{spec.name}: reusing data disk {paths.data}")
+                else:
+                    paths.data.parent.mkdir(mode=0o711, exist_ok=True)
+                    proc.run(["qemu-img", "create", "-q", "-f", "qcow2", paths.data, f"{spec.data_disk}G"])
+            self.virt.define(self.domain(row, manifest, accel))
+            self.virt.start(spec.name)
+        except BaseException:
+            self._undo_create(spec.name, paths, data_existed)
+            self.state.done(intent)
+            raise
+        self.state.done(intent)
+        self.state.event("vm.started", f"domain defined and started from {image.ref}", vm=spec.name)
+        created = self.state.vm(spec.name)
+        assert created is not None
+        return created
+
+    def wait(self, name: str) -> VmRow:
+        """Wait for health; the VM ends ``running`` or ``failed`` with the reason kept."""
+        row = self._row(name)
+        manifest = Manifest.model_validate(self._image(row).manifest)
+        spec = VmSpec.model_validate(row.spec)
+        started = self.state.clock()
+        try:
+            wait_healthy(self.endpoint(row), self.agent_key.private, manifest.expected_version_id,
+                         spec.health.command, spec.health.timeout)
+        except HealthError as e:
+            self.state.update_vm(name, state=VmState.FAILED, reason=e.message)
+            self.state.event("vm.failed", e.message, vm=name)
+            raise
+        self.state.update_vm(name, state=VmState.RUNNING, reason=None)
+        self.state.event("vm.running", f"healthy: VERSION_ID={manifest.expected_version_id}", vm=name,
+                         duration=self.state.clock() - started)
+        return self._row(name)
+
+    def _undo_create(self, name: str, paths: VmPaths, data_existed: bool) -> None:
+        if self.virt.is_managed(name):
+            self.virt.destroy(name)
+            self.virt.undefine(name)
+        shutil.rmtree(paths.root, ignore_errors=True)
+        if not data_existed:
+            paths.data.unlink(missing_ok=True)
+        self.state.delete_vm(name)
+
+    def _write_seed(self, row: VmRow, paths: VmPaths) -> None:
+        spec = VmSpec.model_validate(row.spec)
+        host_key = KeyPair(paths.host_key.read_text(), paths.host_key.with_name(paths.host_key.name + ".pub")
+                           .read_text().strip())
+        keys = [*spec.ssh_keys, self.agent_key.public]
+        write_seed(paths.seed, meta_data(row.instance_id, row.name), user_data(keys, host_key, row.name))
+
+    def domain(self, row: VmRow, manifest: Manifest, accel: DomainType) -> Domain:
+        spec = VmSpec.model_validate(row.spec)
+        paths = VmPaths.of(self.cfg, row.name)
+        base = Path(self._image(row).path)
+        disks = [Disk(paths.os_disk(row.version), "vda", backing=base)]
+        if spec.data_disk:
+            disks.append(Disk(paths.data, "vdb", serial="hvagent-data"))
+        disks.append(Disk(paths.seed, "vdz", fmt="raw", readonly=True, serial="cidata"))
+        nic: UserNet | NetworkNic
+        if spec.network.mode is NetMode.USER:
+            assert row.host_port is not None
+            nic = UserNet(row.mac, row.host_port)
+        else:
+            nic = NetworkNic(row.mac, network=spec.network.name, bridge=spec.network.bridge)
+        return Domain(
+            name=row.name, uuid=row.uuid, memory_mib=spec.memory, vcpus=spec.cpus, firmware=manifest.firmware,
+            dtype=accel, disks=tuple(disks), nic=nic, console_log=paths.console,
+            nvram=paths.nvram if manifest.firmware is Firmware.UEFI else None,
+            metadata=Metadata(row.owner, row.track, row.image, row.version, row.instance_id, row.host_port,
+                              row.spec_hash),
+        )
+
+    # destroy -------------------------------------------------------------------------------
+    def destroy(self, name: str, purge: bool = False) -> None:
+        row = self._row(name)
+        paths = VmPaths.of(self.cfg, name)
+        intent = self.state.begin("destroy", name, {"root": str(paths.root), "purge": purge})
+        self.state.update_vm(name, state=VmState.DESTROYING)
+        self.state.event("vm.destroying", "purge data disk" if purge else "data disk kept", vm=name)
+        if self.virt.is_managed(name):
+            self.virt.destroy(name)
+            self.virt.undefine(name)
+        shutil.rmtree(paths.root, ignore_errors=True)
+        if purge:
+            paths.data.unlink(missing_ok=True)
+        self.state.delete_vm(row.name)
+        self.state.event("vm.gone", "destroyed" + (" and purged" if purge else ""), vm=name)
+        self.state.done(intent)
+
+    def recover(self) -> None:
+        """Undo provisions and finish destroys that a crash interrupted."""
+        for it in self.state.pending():
+            if it.op == "provision":
+                paths = VmPaths(Path(it.intent["root"]), Path(it.intent["data"]))
+                self._undo_create(it.target, paths, bool(it.intent["data_existed"]))
+                self.state.event("vm.recovered", "interrupted provision undone", vm=it.target)
+            elif it.op == "destroy":
+                if self.state.vm(it.target) is not None:
+                    self.state.done(it.id)
+                    self.destroy(it.target, bool(it.intent["purge"]))
+                    continue
+            else:
+                continue
+            self.state.done(it.id)
+
+    # helpers -------------------------------------------------------------------------------
+    def endpoint(self, row: VmRow) -> Endpoint:
+        manifest = Manifest.model_validate(self._image(row).manifest)
+        pub = (VmPaths.of(self.cfg, row.name).root / "ssh_host_ed25519_key.pub").read_text().strip()
+        if row.host_port is None:
+            address = self.virt.guest_address(row.name)
+            if address is None:
+                raise EnvError(f"vm {row.name}: no address known yet for its network interface")
+            return Endpoint(address, 22, manifest.ssh_user, pub)
+        return Endpoint("127.0.0.1", row.host_port, manifest.ssh_user, pub)
+
+    def _row(self, name: str) -> VmRow:
+        row = self.state.vm(name)
+        if row is None:
+            raise NotFound(f"vm {name}: no such VM")
+        return row
+
+    def _image(self, row: VmRow) -> ImageRow:
+        image = self.state.image(row.image, row.version)
+        if image is None:
+            raise NotFound(f"vm {row.name}: its image {row.image}-{row.version} is not in the catalog")
+        return image
+
+    def _new_mac(self) -> str:
+        taken = {v.mac for v in self.state.vms()}
+        while True:
+            mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+            if mac not in taken:
+                return mac
+
+    def _free_port(self) -> int:
+        used = self.state.used_ports()
+        for port in range(self.cfg.port_min, self.cfg.port_max + 1):
+            if port in used:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+        raise EnvError(f"no free port in {self.cfg.port_min}-{self.cfg.port_max} on 127.0.0.1",
+                       hint="widen port_min/port_max in the configuration")
+
+
+def make_overlay(base: Path, overlay: Path) -> None:
+    """A copy-on-write overlay on a catalog base: never a copy, formats always explicit."""
+    proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, overlay], timeout=60)

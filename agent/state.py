@@ -1,0 +1,262 @@
+"""State in one SQLite database: images, VMs, events and the intent journal.
+
+Every multi-step operation writes its intent to the journal before it acts and clears it
+when done, so a restart can finish or undo it (DESIGN.md invariant 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from agent.errors import Conflict, EnvError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+  name TEXT NOT NULL, version TEXT NOT NULL, family INTEGER NOT NULL, minor INTEGER NOT NULL,
+  sha256 TEXT NOT NULL, path TEXT NOT NULL, virtual_size INTEGER NOT NULL,
+  state TEXT NOT NULL, manifest TEXT NOT NULL, published_at REAL NOT NULL,
+  PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS vms (
+  name TEXT PRIMARY KEY, owner TEXT NOT NULL, track TEXT NOT NULL,
+  image TEXT NOT NULL, version TEXT NOT NULL, state TEXT NOT NULL, reason TEXT,
+  uuid TEXT NOT NULL UNIQUE, mac TEXT NOT NULL UNIQUE, host_port INTEGER UNIQUE,
+  instance_id TEXT NOT NULL, spec TEXT NOT NULL, spec_hash TEXT NOT NULL,
+  created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, vm TEXT, kind TEXT NOT NULL,
+  message TEXT NOT NULL, duration REAL
+);
+CREATE TABLE IF NOT EXISTS journal (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, target TEXT NOT NULL,
+  intent TEXT NOT NULL, started_at REAL NOT NULL
+);
+"""
+
+
+class ImageState(StrEnum):
+    ACTIVE = "active"
+    RETIRED = "retired"
+    BAD = "bad"
+
+
+class VmState(StrEnum):
+    PENDING = "pending"
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    SWAPPING = "swapping"
+    ROLLING_BACK = "rolling-back"
+    FAILED = "failed"
+    DESTROYING = "destroying"
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    name: str
+    version: str
+    family: int
+    minor: int
+    sha256: str
+    path: str
+    virtual_size: int
+    state: ImageState
+    manifest: dict[str, Any]
+    published_at: float
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}-{self.version}"
+
+
+@dataclass(frozen=True)
+class VmRow:
+    name: str
+    owner: str
+    track: str
+    image: str
+    version: str
+    state: VmState
+    reason: str | None
+    uuid: str
+    mac: str
+    host_port: int | None
+    instance_id: str
+    spec: dict[str, Any]
+    spec_hash: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    ts: float
+    vm: str | None
+    kind: str
+    message: str
+    duration: float | None
+
+
+@dataclass(frozen=True)
+class Intent:
+    id: int
+    op: str
+    target: str
+    intent: dict[str, Any]
+    started_at: float
+
+
+class State:
+    def __init__(self, db_path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = db_path
+        self.clock = clock
+        try:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise EnvError(f"{db_path}: cannot open the state database ({e})",
+                           hint="check that the state directory exists and is writable") from e
+        self.db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # images
+    def add_image(self, row: ImageRow) -> None:
+        try:
+            with self.tx() as db:
+                db.execute(
+                    "INSERT INTO images VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (row.name, row.version, row.family, row.minor, row.sha256, row.path,
+                     row.virtual_size, row.state.value, json.dumps(row.manifest), row.published_at),
+                )
+        except sqlite3.IntegrityError as e:
+            raise Conflict(f"image {row.ref}: already in the catalog") from e
+
+    def images(self) -> list[ImageRow]:
+        rows = self.db.execute("SELECT * FROM images ORDER BY name, family, minor").fetchall()
+        return [self._image(r) for r in rows]
+
+    def image(self, name: str, version: str) -> ImageRow | None:
+        r = self.db.execute("SELECT * FROM images WHERE name=? AND version=?", (name, version)).fetchone()
+        return self._image(r) if r else None
+
+    def set_image_state(self, name: str, version: str, state: ImageState) -> None:
+        self.db.execute("UPDATE images SET state=? WHERE name=? AND version=?", (state.value, name, version))
+
+    def delete_image(self, name: str, version: str) -> None:
+        self.db.execute("DELETE FROM images WHERE name=? AND version=?", (name, version))
+
+    @staticmethod
+    def _image(r: sqlite3.Row) -> ImageRow:
+        return ImageRow(r["name"], r["version"], r["family"], r["minor"], r["sha256"], r["path"],
+                        r["virtual_size"], ImageState(r["state"]), json.loads(r["manifest"]),
+                        r["published_at"])
+
+    # VMs
+    def add_vm(self, row: VmRow) -> None:
+        try:
+            with self.tx() as db:
+                db.execute(
+                    "INSERT INTO vms VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (row.name, row.owner, row.track, row.image, row.version, row.state.value, row.reason,
+                     row.uuid, row.mac, row.host_port, row.instance_id, json.dumps(row.spec),
+                     row.spec_hash, row.created_at, row.updated_at),
+                )
+        except sqlite3.IntegrityError as e:
+            raise Conflict(f"vm {row.name}: already exists") from e
+
+    def vms(self, owner: str | None = None) -> list[VmRow]:
+        if owner is None:
+            rows = self.db.execute("SELECT * FROM vms ORDER BY name").fetchall()
+        else:
+            rows = self.db.execute("SELECT * FROM vms WHERE owner=? ORDER BY name", (owner,)).fetchall()
+        return [self._vm(r) for r in rows]
+
+    def vm(self, name: str) -> VmRow | None:
+        r = self.db.execute("SELECT * FROM vms WHERE name=?", (name,)).fetchone()
+        return self._vm(r) if r else None
+
+    def update_vm(self, name: str, **fields: Any) -> None:
+        allowed = {"state", "reason", "version", "instance_id", "spec", "spec_hash", "track", "host_port"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"cannot update {sorted(set(fields) - allowed)}")
+        values = [json.dumps(v) if k == "spec" else (v.value if isinstance(v, StrEnum) else v)
+                  for k, v in fields.items()]
+        sets = ", ".join(f"{k}=?" for k in fields)  # keys come from the allow-list above
+        self.db.execute(f"UPDATE vms SET {sets}, updated_at=? WHERE name=?", (*values, self.clock(), name))
+
+    def delete_vm(self, name: str) -> None:
+        self.db.execute("DELETE FROM vms WHERE name=?", (name,))
+
+    def used_ports(self) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT host_port FROM vms WHERE host_port IS NOT NULL")}
+
+    @staticmethod
+    def _vm(r: sqlite3.Row) -> VmRow:
+        return VmRow(r["name"], r["owner"], r["track"], r["image"], r["version"], VmState(r["state"]),
+                     r["reason"], r["uuid"], r["mac"], r["host_port"], r["instance_id"],
+                     json.loads(r["spec"]), r["spec_hash"], r["created_at"], r["updated_at"])
+
+    # events
+    def event(self, kind: str, message: str, vm: str | None = None, duration: float | None = None) -> None:
+        self.db.execute("INSERT INTO events (ts, vm, kind, message, duration) VALUES (?,?,?,?,?)",
+                        (self.clock(), vm, kind, message, duration))
+
+    def events(self, vm: str | None = None, limit: int = 1000) -> list[Event]:
+        q = "SELECT * FROM events" + (" WHERE vm=?" if vm else "") + " ORDER BY id DESC LIMIT ?"
+        args: tuple[Any, ...] = (vm, limit) if vm else (limit,)
+        rows = self.db.execute(q, args).fetchall()
+        return [Event(r["id"], r["ts"], r["vm"], r["kind"], r["message"], r["duration"]) for r in reversed(rows)]
+
+    # journal
+    def begin(self, op: str, target: str, intent: dict[str, Any]) -> int:
+        cur = self.db.execute("INSERT INTO journal (op, target, intent, started_at) VALUES (?,?,?,?)",
+                              (op, target, json.dumps(intent), self.clock()))
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def done(self, intent_id: int) -> None:
+        self.db.execute("DELETE FROM journal WHERE id=?", (intent_id,))
+
+    def pending(self) -> list[Intent]:
+        rows = self.db.execute("SELECT * FROM journal ORDER BY id").fetchall()
+        return [Intent(r["id"], r["op"], r["target"], json.loads(r["intent"]), r["started_at"]) for r in rows]
+
+
+@contextlib.contextmanager
+def host_lock(state_dir: Path) -> Iterator[None]:
+    """Serialize mutating commands on one host (CLI against CLI, CLI against daemon)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
