@@ -72,7 +72,7 @@ class Catalog:
             digest = _copy_hashing(image, tmp, progress)
             if digest != m.sha256:
                 raise ImageRefused(f"{image}: sha256 {digest} differs from the manifest's {m.sha256}")
-            header, info = imageinfo.inspect(tmp, self.cfg.max_virtual_size)
+            header, _info = imageinfo.inspect(tmp, self.cfg.max_virtual_size)
             if header.size != m.virtual_size:
                 raise ImageRefused(
                     f"{image}: virtual size {header.size} differs from the manifest's {m.virtual_size}")

@@ -6,21 +6,21 @@ import json
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from agent import config as config_mod
-from agent.errors import HvError, HealthError
+from agent.errors import HealthError, HvError
 from agent.health import run as ssh_run
 from agent.host import Host
 from agent.spec import load_spec
@@ -111,6 +111,10 @@ def images_list(as_json: Annotated[bool, typer.Option("--json", help="machine-re
     out.print(table)
 
 
+def _describe(bar: Progress, task: TaskID, message: str) -> None:
+    bar.update(task, description=message)
+
+
 # VMs ---------------------------------------------------------------------------------------
 @app.command()
 def apply(
@@ -137,7 +141,7 @@ def apply(
                 if host.state.vm(vm.name) is not None:
                     continue
                 task = bar.add_task(f"{vm.name}: provisioning", total=None)
-                host.provisioner.create(vm, say=lambda m, t=task: bar.update(t, description=m))
+                host.provisioner.create(vm, say=partial(_describe, bar, task))
                 bar.update(task, description=f"{vm.name}: booting")
                 created.append(vm.name)
             failures: list[str] = []
@@ -240,26 +244,13 @@ def demo(
 
 
 def main() -> None:
-    start = time.monotonic()
     try:
-        app(standalone_mode=False)
+        app()  # standalone: usage errors print themselves and exit 2
     except HvError as e:
         if CTX.debug:
             raise
         err.print(f"hvagent: error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
     finally:
         if CTX._host is not None:
             CTX._host.close()
-        del start

@@ -54,8 +54,8 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
             out.print(f"accelerator: {host.accelerator().value} (chosen by a probe guest)")
             for vm in spec.vms:
                 if host.state.vm(vm.name) is None:
-                    row = host.provisioner.create(vm, say=out.print)
-                    out.print(f"{vm.name}: {vm.image} -> {row.image}-{row.version}, booting")
+                    created = host.provisioner.create(vm, say=out.print)
+                    out.print(f"{vm.name}: {vm.image} -> {created.image}-{created.version}, booting")
             for vm in spec.vms:
                 host.provisioner.wait(vm.name)
                 out.print(f"{vm.name}: healthy")

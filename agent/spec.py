@@ -11,13 +11,25 @@ from typing import Any
 
 import yaml
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.errors import InputError
 from agent.version import Track
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)) [A-Za-z0-9+/]+={0,3}(?: [\x21-\x7e][\x20-\x7e]{0,99})?$")
+_KEY_RE = re.compile(
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)) [A-Za-z0-9+/]+={0,3}(?: [\x21-\x7e][\x20-\x7e]{0,99})?$"
+)
 MAX_SPEC_BYTES = 1 << 20
 
 
@@ -77,19 +89,19 @@ class Health(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     command: str | None = Field(None, max_length=1024, description="run in the guest; must exit 0")
-    timeout: float = Field(120.0, gt=0, le=3600, description="seconds to become healthy")
+    timeout: StrictInt | StrictFloat = Field(120.0, gt=0, le=3600, description="seconds to become healthy")
 
 
 class VmSpec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str
-    owner: str
-    image: str = Field(description="track: tiny-1.18 (pinned) or tiny-1.* (latest in family 1)")
-    cpus: int = Field(1, ge=1, le=64)
-    memory: int = Field(256, ge=64, le=1 << 20, description="MiB")
-    data_disk: int = Field(0, ge=0, le=65536, description="GiB; 0 for none")
-    ssh_keys: tuple[str, ...] = Field(min_length=1, max_length=32)
+    name: StrictStr
+    owner: StrictStr
+    image: StrictStr = Field(description="track: tiny-1.18 (pinned) or tiny-1.* (latest in family 1)")
+    cpus: StrictInt = Field(1, ge=1, le=64)
+    memory: StrictInt = Field(256, ge=64, le=1 << 20, description="MiB")
+    data_disk: StrictInt = Field(0, ge=0, le=65536, description="GiB; 0 for none")
+    ssh_keys: tuple[StrictStr, ...] = Field(min_length=1, max_length=32)
     network: Network = Network()
     health: Health = Health()
     restart: Restart = Restart.ALWAYS
