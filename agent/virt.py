@@ -1,0 +1,477 @@
+"""All libvirt access: one connection, one retry policy, and only domains hvagent created.
+
+Every call goes through :meth:`Virt._call`. A connection-class failure (libvirtd restarted, socket
+gone) drops the connection and retries with a bounded tenacity policy; when libvirtd stays
+unreachable the caller gets an EnvError with a hint. Any other libvirt failure becomes an EnvError
+naming the operation, so no caller ever imports libvirt. Mutating operations refuse domains
+without hvagent's metadata (invariant 9).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import libvirt
+import tenacity
+
+from agent.domxml import HV_NS, Domain, DomainType, Firmware, Metadata, metadata_from_element, to_xml
+from agent.errors import Conflict, EnvError, NotFound
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_URI = "qemu:///system"
+START_HINT = "start it: libvirtd -d (or systemctl start libvirtd)"
+QEMU_RUN_DIR = Path("/run/libvirt/qemu")
+PROBE_MARKERS = ("SeaBIOS", "Booting")
+
+# Error codes/messages that mean "the connection is broken", not "this request failed".
+_CONN_CODES = frozenset({libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC})
+_CONN_DOMAINS = frozenset({libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE})
+_CONN_MESSAGES = ("Cannot recv data", "client socket is closed", "Cannot write data")
+
+
+class DomState(StrEnum):
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"  # an ACPI shutdown is in progress
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+    MISSING = "missing"
+
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: DomState.NOSTATE,
+    libvirt.VIR_DOMAIN_RUNNING: DomState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: DomState.BLOCKED,
+    libvirt.VIR_DOMAIN_PAUSED: DomState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: DomState.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: DomState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: DomState.PMSUSPENDED,
+}
+
+_quieted = False
+
+
+def _quiet_libvirt() -> None:
+    """libvirt prints every error to stderr by default; we report them ourselves."""
+    global _quieted
+    if not _quieted:
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        _quieted = True
+
+
+def _code(err: libvirt.libvirtError) -> int:
+    return int(err.get_error_code() or 0)
+
+
+def _message(err: libvirt.libvirtError) -> str:
+    return str(err.get_error_message() or err)
+
+
+def _version(v: int) -> str:
+    return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
+
+
+class _ConnectionLost(Exception):
+    """Internal: a connection-class libvirt error, retried by the tenacity policy."""
+
+    def __init__(self, err: libvirt.libvirtError) -> None:
+        super().__init__(_message(err))
+        self.err = err
+
+
+class Virt:
+    """hvagent's view of one libvirt connection. Lazy: nothing connects until the first call."""
+
+    def __init__(
+        self,
+        uri: str = DEFAULT_URI,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        attempts: int = 5,
+        max_delay: float = 30.0,
+        qemu_run_dir: Path = QEMU_RUN_DIR,
+    ) -> None:
+        self.uri = uri
+        self._sleep = sleep
+        self._clock = clock
+        self._attempts = attempts
+        self._max_delay = max_delay
+        self._run_dir = qemu_run_dir
+        self._conn: Any = None
+
+    # -- connection and retry policy ------------------------------------------------------------
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            _quiet_libvirt()
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as e:
+                raise _ConnectionLost(e) from e
+        return self._conn
+
+    def _is_connection_error(self, err: libvirt.libvirtError) -> bool:
+        code = _code(err)
+        if code in _CONN_CODES:
+            return True
+        if code == libvirt.VIR_ERR_SYSTEM_ERROR and err.get_error_domain() in _CONN_DOMAINS:
+            return True
+        if code == libvirt.VIR_ERR_INTERNAL_ERROR and any(m in _message(err) for m in _CONN_MESSAGES):
+            return True
+        try:
+            return self._conn is not None and self._conn.isAlive() == 0
+        except libvirt.libvirtError:
+            return True
+
+    def _call(self, what: str, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(conn)``, reconnecting on connection faults; other libvirt errors become EnvError."""
+
+        def attempt() -> T:
+            conn = self._connection()
+            try:
+                return fn(conn)
+            except libvirt.libvirtError as e:
+                if self._is_connection_error(e):
+                    raise _ConnectionLost(e) from e
+                raise
+
+        def drop(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("libvirt at %s: %s; reconnecting (attempt %d)", self.uri, exc, state.attempt_number)
+            self.close()
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self._attempts) | tenacity.stop_after_delay(self._max_delay),
+            wait=tenacity.wait_exponential(multiplier=0.25, min=0.25, max=4),
+            retry=tenacity.retry_if_exception_type(_ConnectionLost),
+            sleep=self._sleep,
+            before_sleep=drop,
+            reraise=True,
+        )
+        try:
+            return retrying(attempt)
+        except _ConnectionLost as e:
+            self.close()
+            raise EnvError(f"libvirt at {self.uri}: cannot connect ({e})", hint=START_HINT) from None
+        except libvirt.libvirtError as e:
+            raise EnvError(f"libvirt: {what}: {_message(e)}") from None
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _lookup(conn: Any, name: str) -> Any:
+        """The domain, or None when there is none by that name."""
+        try:
+            return conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    @staticmethod
+    def _metadata(dom: Any) -> Metadata | None:
+        try:
+            xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, HV_NS, 0)
+        except libvirt.libvirtError as e:
+            if _code(e) in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_NO_DOMAIN):
+                return None
+            raise
+        return metadata_from_element(str(xml))
+
+    def _managed_dom(self, conn: Any, name: str) -> Any:
+        dom = self._lookup(conn, name)
+        if dom is None:
+            raise NotFound(f"domain {name}: no such domain")
+        if self._metadata(dom) is None:
+            raise Conflict(f"domain {name}: not created by hvagent; refusing to touch it")
+        return dom
+
+    # -- operations -----------------------------------------------------------------------------
+
+    def define(self, dom: Domain) -> None:
+        """Define (or redefine) a managed domain. A same-named domain we did not create is refused."""
+        xml = to_xml(dom)
+
+        def run(conn: Any) -> None:
+            existing = self._lookup(conn, dom.name)
+            if existing is not None and self._metadata(existing) is None:
+                raise Conflict(f"domain {dom.name}: exists and was not created by hvagent")
+            conn.defineXML(xml)
+
+        self._call(f"define {dom.name}", run)
+
+    def start(self, name: str) -> None:
+        def run(conn: Any) -> None:
+            dom = self._managed_dom(conn, name)
+            if not dom.isActive():
+                dom.create()
+
+        self._call(f"start {name}", run)
+
+    def destroy(self, name: str) -> None:
+        """Power off at once. A domain that is not running is left as it is."""
+
+        def run(conn: Any) -> None:
+            dom = self._managed_dom(conn, name)
+            try:
+                if dom.isActive():
+                    dom.destroy()
+            except libvirt.libvirtError as e:
+                if _code(e) != libvirt.VIR_ERR_OPERATION_INVALID:  # stopped meanwhile
+                    raise
+
+        self._call(f"destroy {name}", run)
+
+    def shutdown(self, name: str, timeout: float, poll: float = 0.25) -> bool:
+        """ACPI shutdown; destroy if still running after ``timeout`` s. True if it went down by itself."""
+
+        def request(conn: Any) -> bool:
+            dom = self._managed_dom(conn, name)
+            if not dom.isActive():
+                return False
+            try:
+                dom.shutdown()
+            except libvirt.libvirtError as e:
+                if _code(e) != libvirt.VIR_ERR_OPERATION_INVALID:
+                    raise
+            return True
+
+        if not self._call(f"shutdown {name}", request):
+            return True
+        deadline = self._clock() + timeout
+        while self._clock() < deadline:
+            if self.state(name) in (DomState.SHUTOFF, DomState.MISSING):
+                return True
+            self._sleep(poll)
+        if self.state(name) in (DomState.SHUTOFF, DomState.MISSING):
+            return True
+        log.warning("domain %s ignored ACPI shutdown for %.0f s; destroying it", name, timeout)
+        self.destroy(name)
+        return False
+
+    def undefine(self, name: str) -> None:
+        """Remove a managed domain's definition and NVRAM, destroying it first if it runs.
+
+        A domain that does not exist is already undefined: no error (journal recovery repeats this).
+        """
+
+        def run(conn: Any) -> None:
+            dom = self._lookup(conn, name)
+            if dom is None:
+                return
+            if self._metadata(dom) is None:
+                raise Conflict(f"domain {name}: not created by hvagent; refusing to undefine it")
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+
+        self._call(f"undefine {name}", run)
+
+    def state(self, name: str) -> DomState:
+        def run(conn: Any) -> DomState:
+            dom = self._lookup(conn, name)
+            if dom is None:
+                return DomState.MISSING
+            try:
+                code = dom.state()[0]
+            except libvirt.libvirtError as e:
+                if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:  # undefined meanwhile
+                    return DomState.MISSING
+                raise
+            return _STATES.get(code, DomState.NOSTATE)
+
+        return self._call(f"state of {name}", run)
+
+    def exists(self, name: str) -> bool:
+        return self._call(f"look up {name}", lambda conn: self._lookup(conn, name) is not None)
+
+    def managed(self) -> dict[str, Metadata]:
+        """Every domain hvagent created, by name, from one listAllDomains call; others are ignored."""
+
+        def run(conn: Any) -> dict[str, Metadata]:
+            found: dict[str, Metadata] = {}
+            for dom in conn.listAllDomains(0):
+                meta = self._metadata(dom)
+                if meta is not None:
+                    found[str(dom.name())] = meta
+            return found
+
+        return self._call("list domains", run)
+
+    def is_managed(self, name: str) -> bool:
+        """True when a domain by that name exists and carries hvagent's metadata."""
+
+        def run(conn: Any) -> bool:
+            dom = self._lookup(conn, name)
+            return dom is not None and self._metadata(dom) is not None
+
+        return self._call(f"look up {name}", run)
+
+    def managed_states(self) -> dict[str, DomState]:
+        """The state of every managed domain, by name, from one listing."""
+
+        def run(conn: Any) -> dict[str, DomState]:
+            found: dict[str, DomState] = {}
+            for dom in conn.listAllDomains(0):
+                if self._metadata(dom) is not None:
+                    found[str(dom.name())] = _STATES.get(dom.state()[0], DomState.NOSTATE)
+            return found
+
+        return self._call("list domains", run)
+
+    def guest_address(self, name: str) -> str | None:
+        """The first IPv4 address of a managed domain's NIC, from the libvirt network's DHCP leases."""
+
+        def run(conn: Any) -> str | None:
+            dom = self._managed_dom(conn, name)
+            if not dom.isActive():
+                return None
+            try:
+                ifaces = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
+            except libvirt.libvirtError:
+                return None
+            for iface in ifaces.values():
+                for addr in iface.get("addrs") or []:
+                    if addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                        return str(addr["addr"])
+            return None
+
+        return self._call(f"address of {name}", run)
+
+    def xml(self, name: str, inactive: bool = False) -> str:
+        """The live XML (or the persistent definition with ``inactive``) of a managed domain."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return self._call(f"XML of {name}", lambda conn: str(self._managed_dom(conn, name).XMLDesc(flags)))
+
+    def qemu_pid(self, name: str) -> int | None:
+        """The QEMU process of a running domain, from libvirt's pid file; None when not running."""
+        if not name or "/" in name or name.startswith("."):
+            return None
+        try:
+            return int((self._run_dir / f"{name}.pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def host_facts(self) -> dict[str, str | int | bool]:
+        def run(conn: Any) -> dict[str, str | int | bool]:
+            model, memory_mib, cpus, mhz, *_ = conn.getInfo()
+            return {
+                "uri": self.uri,
+                "hostname": str(conn.getHostname()),
+                "hypervisor": str(conn.getType()),
+                "libvirt_version": _version(int(conn.getLibVersion())),
+                "qemu_version": _version(int(conn.getVersion())),
+                "arch": str(model),
+                "memory_mib": int(memory_mib),
+                "cpus": int(cpus),
+                "cpu_mhz": int(mhz),
+                "kvm_device": Path("/dev/kvm").exists(),
+            }
+
+        return self._call("host facts", run)
+
+    # -- acceleration probe ---------------------------------------------------------------------
+
+    def probe_accel(self, workdir: Path, name: str = "hvagent-probe-accel", wait: float = 10.0) -> DomainType:
+        """KVM only if a real KVM guest boots here; otherwise QEMU (TCG).
+
+        A transient type='kvm' domain without disks starts SeaBIOS with its output on the serial
+        log. /dev/kvm existing proves nothing (nested setups open it and then cannot run guests):
+        the guest must start, print SeaBIOS' banner and keep running. The probe is always destroyed;
+        it is also tied to our connection (AUTODESTROY) should hvagent die meanwhile.
+        """
+        workdir.mkdir(parents=True, exist_ok=True)
+        console = workdir / f"{name}.log"
+        console.unlink(missing_ok=True)
+        probe = Domain(
+            name=name,
+            uuid=str(uuidlib.uuid4()),
+            memory_mib=64,
+            vcpus=1,
+            firmware=Firmware.BIOS,
+            dtype=DomainType.KVM,
+            console_log=console,
+            metadata=Metadata(
+                owner="hvagent",
+                track="probe",
+                image="none",
+                version="0",
+                instance_id=name,
+                host_port=None,
+                spec_hash="probe",
+            ),
+        )
+        xml = to_xml(probe)
+
+        def create(conn: Any) -> bool:
+            if self._lookup(conn, name) is not None:
+                raise Conflict(f"domain {name}: exists; the accelerator probe needs that name")
+            try:
+                conn.createXML(xml, libvirt.VIR_DOMAIN_START_AUTODESTROY)
+            except libvirt.libvirtError as e:
+                log.info("KVM probe did not start: %s", _message(e))
+                return False
+            return True
+
+        try:
+            if not self._call("start KVM probe", create):
+                return DomainType.QEMU
+            booted = self._probe_booted(name, console, wait)
+            return DomainType.KVM if booted else DomainType.QEMU
+        finally:
+            self._call("destroy KVM probe", lambda conn: self._destroy_probe(conn, name))
+
+    def _probe_booted(self, name: str, console: Path, wait: float) -> bool:
+        deadline = self._clock() + wait
+        seen = False
+        while True:
+            if self.state(name) is not DomState.RUNNING:
+                log.info("KVM probe stopped running (%s)", self.state(name))
+                return False
+            try:
+                text = console.read_text(errors="replace")
+            except FileNotFoundError:
+                text = ""
+            seen = any(marker in text for marker in PROBE_MARKERS)
+            if seen or self._clock() >= deadline:
+                break
+            self._sleep(0.25)
+        if not seen:
+            log.info("KVM probe printed no firmware banner within %.0f s", wait)
+            return False
+        # Printed something: it must still be running (a broken KVM may crash right after).
+        self._sleep(0.5)
+        return self.state(name) is DomState.RUNNING
+
+    @staticmethod
+    def _destroy_probe(conn: Any, name: str) -> None:
+        dom = Virt._lookup(conn, name)
+        if dom is None:
+            return
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as e:
+            if _code(e) not in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
+                raise

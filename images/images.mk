@@ -1,0 +1,41 @@
+# The guest images the demo and the tests use, built into images/cache/out.
+# Included by the top-level Makefile; `make images` builds what is missing or
+# out of date. Each image depends on the build script and the guest files, so a
+# second run with unchanged inputs does nothing.
+
+IMAGES_OUT := images/cache/out
+TINY_INPUTS := images/build $(wildcard images/tiny/*)
+CLOUD_INPUTS := images/build-cloud
+
+# stem:family:version:variant
+TINY_SET := \
+	tiny-1.0:1:1.0:ok \
+	tiny-1.1:1:1.1:ok \
+	tiny-2.0:2:2.0:ok \
+	tiny-2.1:2:2.1:ok \
+	tiny-1.2-broken-ssh:1:1.2:broken-ssh \
+	tiny-1.3-panic:1:1.3:panic
+
+TINY_IMAGES := $(foreach i,$(TINY_SET),$(IMAGES_OUT)/$(word 1,$(subst :, ,$(i))).qcow2)
+CLOUD_IMAGES := $(IMAGES_OUT)/debian-12.0.qcow2
+
+.PHONY: images images-tiny images-cloud
+
+images: images-tiny images-cloud
+images-tiny: $(TINY_IMAGES)
+images-cloud: $(CLOUD_IMAGES)
+
+$(IMAGES_OUT):
+	mkdir -p $@
+
+define tiny_rule
+$(IMAGES_OUT)/$(word 1,$(subst :, ,$(1))).qcow2: $(TINY_INPUTS) | $(IMAGES_OUT) $(VENV)/.installed
+	rm -f $$@ $$(@:.qcow2=.yaml)
+	$(PY) images/build --family $(word 2,$(subst :, ,$(1))) --version $(word 3,$(subst :, ,$(1))) \
+		--variant $(word 4,$(subst :, ,$(1))) --out $(IMAGES_OUT)
+endef
+$(foreach i,$(TINY_SET),$(eval $(call tiny_rule,$(i))))
+
+$(IMAGES_OUT)/debian-12.0.qcow2: $(CLOUD_INPUTS) | $(IMAGES_OUT) $(VENV)/.installed
+	rm -f $@ $(@:.qcow2=.yaml)
+	PYTHON=$(PYTHON) bash images/build-cloud --version 12.0 --out $(IMAGES_OUT)

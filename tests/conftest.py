@@ -1,0 +1,74 @@
+"""Shared fixtures. Integration fixtures always clean up what they created, even on failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import config as config_mod
+from agent.host import Host
+from agent.seed import KeyPair, new_ed25519
+from agent.state import host_lock
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = Path(os.environ.get("HVAGENT_IMAGES", ROOT / "images" / "cache" / "out"))
+# QEMU runs as an unprivileged user; pytest's tmp_path (0700 under /tmp) is not reachable for it.
+TEST_ROOT = Path("/var/lib/hvagent-test")
+
+
+def image(name: str) -> Path:
+    path = IMAGES / f"{name}.qcow2"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: build the test images first with `make images`")
+    return path
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    TEST_ROOT.mkdir(mode=0o711, exist_ok=True)
+    os.chmod(TEST_ROOT, 0o711)
+    path = TEST_ROOT / uuid.uuid4().hex[:8]
+    path.mkdir(mode=0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def cfg(state_dir: Path) -> config_mod.Config:
+    return config_mod.load(None, state_dir=state_dir, port_min=22300, port_max=22399, health_timeout=90.0)
+
+
+@pytest.fixture
+def host(cfg: config_mod.Config) -> Iterator[Host]:
+    h = Host(cfg)
+    yield h
+    with host_lock(cfg.state_dir):
+        for vm in h.state.vms():
+            try:
+                h.provisioner.destroy(vm.name, purge=True)
+            except Exception as e:  # keep cleaning the others
+                print(f"cleanup of {vm.name} failed: {e}")
+    h.close()
+
+
+@pytest.fixture
+def tenant_key() -> KeyPair:
+    return new_ed25519("tenant@test")
+
+
+def hvagent(state_dir: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI, as a user would."""
+    exe = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "hvagent"
+    if not exe.exists():
+        exe = ROOT / ".venv" / "bin" / "hvagent"
+    env = {**os.environ, "HVAGENT_CONFIG": str(state_dir / "config.yaml")}
+    if not (state_dir / "config.yaml").exists():
+        (state_dir / "config.yaml").write_text(
+            f"state_dir: {state_dir}\nport_min: 22400\nport_max: 22499\nhealth_timeout: 90\n")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, check=check, timeout=900)
