@@ -88,7 +88,8 @@ def images_publish(
 ) -> None:
     """Check a qcow2 image (hostile until proven otherwise) and add it to the catalog."""
     with mutating() as host, Progress(TextColumn("publish"), BarColumn(), DownloadColumn(),
-                                      TimeElapsedColumn(), console=err, transient=True) as bar:
+                                      TimeElapsedColumn(), console=err, transient=True,
+                                      disable=not err.is_terminal) as bar:
         task = bar.add_task("copy", total=None)
         row = host.catalog.publish(file, manifest, progress=lambda d, t: bar.update(task, completed=d, total=t))
     out.print(f"published {row.ref} (family {row.family}, sha256 {row.sha256[:16]}…) -> {row.path}")
@@ -136,7 +137,8 @@ def apply(
                 continue
             # Resolve every track before creating anything, so a bad track changes nothing.
             host.catalog.resolve(vm.track)
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as bar:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                      disable=not err.is_terminal) as bar:
             for vm in spec.vms:
                 if host.state.vm(vm.name) is not None:
                     continue

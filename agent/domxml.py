@@ -126,7 +126,10 @@ class Disk:
             # <backingStore/> ends the chain: the base has no backing file of its own.
             store = _sub(disk, "backingStore", type="file")
             _sub(store, "format", type="qcow2")
-            _sub(store, "source", file=str(self.backing))
+            source = _sub(store, "source", file=str(self.backing))
+            # The base is shared and read-only (0444, world-readable): libvirt must not chown
+            # it to the QEMU user for one domain (invariant 1: it never changes).
+            _sub(source, "seclabel", model="dac", relabel="no")
             _sub(store, "backingStore")
         _sub(disk, "target", dev=self.target, bus="virtio")
         if self.serial is not None:
