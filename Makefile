@@ -24,7 +24,7 @@ include images/images.mk
 
 images: venv
 
-demo: venv images
+demo: venv images-tiny
 	$(VENV)/bin/hvagent demo
 
 test: venv images

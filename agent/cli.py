@@ -31,8 +31,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 images_app = typer.Typer(no_args_is_help=True, help="The image catalog: publish and list guest OS images.")
 app.add_typer(images_app, name="images")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 @dataclass

@@ -68,8 +68,8 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
         for r in host.state.vms():
             ep = host.provisioner.endpoint(r)
             res = ssh_run(ep, host.provisioner.agent_key.private,
-                          ". /etc/os-release; echo \"$PRETTY_NAME VERSION_ID=$VERSION_ID\"; "
-                          "cat /etc/hvagent-image | tr '\\n' ' '")
+                          ". /etc/os-release; printf '%s VERSION_ID=%s, ' \"$PRETTY_NAME\" \"$VERSION_ID\"; "
+                          "tr '\\n' ' ' < /etc/hvagent-image")
             out.print(f"{r.name}: {res.stdout.strip()}")
     finally:
         if keep:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import shlex
 import time
 from collections.abc import Callable
@@ -13,6 +14,10 @@ import paramiko
 import tenacity
 
 from agent.errors import HealthError
+
+# A guest that is still booting makes paramiko log a traceback per attempt; health reports the
+# outcome itself (last error kept), so its transport chatter stays out of the operator's terminal.
+logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
 
 @dataclass(frozen=True)

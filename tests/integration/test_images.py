@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def test_image_size_and_manifest() -> None:
 
 
 def test_build_is_reproducible(tmp_path: Path) -> None:
-    r = subprocess.run([str(BUILD), "--family", "1", "--version", "1.0", "--out", str(tmp_path),
+    r = subprocess.run([sys.executable, str(BUILD), "--family", "1", "--version", "1.0", "--out", str(tmp_path),
                         "--cache", str(ROOT / "images" / "cache")], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "tiny-1.0.qcow2").read_bytes() == image("tiny-1.0").read_bytes()
@@ -123,14 +124,22 @@ def test_build_is_reproducible(tmp_path: Path) -> None:
     (["--family", "1", "--version", "2.0"], "family"),
 ])
 def test_build_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:
-    r = subprocess.run([str(BUILD), *args, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, str(BUILD), *args, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert list(tmp_path.iterdir()) == []
 
 
+def test_build_missing_debian_package(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, str(BUILD), "--family", "1", "--version", "1.0", "--out", str(tmp_path),
+                        "--extra-package", "hvagent-no-such-package"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "hvagent-no-such-package" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_build_unwritable_out(tmp_path: Path) -> None:
-    r = subprocess.run([str(BUILD), "--family", "1", "--version", "1.0", "--out", "/proc/nope"],
+    r = subprocess.run([sys.executable, str(BUILD), "--family", "1", "--version", "1.0", "--out", "/proc/nope"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "/proc/nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
