@@ -124,7 +124,8 @@ def test_build_is_reproducible(tmp_path: Path) -> None:
     (["--family", "1", "--version", "2.0"], "family"),
 ])
 def test_build_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:
-    r = subprocess.run([sys.executable, str(BUILD), *args, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, str(BUILD), *args, "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert list(tmp_path.iterdir()) == []
