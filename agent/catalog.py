@@ -99,6 +99,12 @@ class Catalog:
     def recover(self) -> None:
         """Finish or undo publishes interrupted by a crash: no temp file, no file without a row."""
         for it in self.state.pending():
+            if it.op == "gc":  # the row goes first, so a crash leaves at most the file to remove
+                name, _, version = it.target.rpartition("-")
+                if self.state.image(name, version) is None:
+                    Path(it.intent["path"]).unlink(missing_ok=True)
+                self.state.done(it.id)
+                continue
             if it.op != "publish":
                 continue
             name, _, version = it.target.rpartition("-")
@@ -119,6 +125,14 @@ class Catalog:
         version = track.resolve(available, usable)
         row = self.state.image(track.name, str(version))
         assert row is not None
+        return row
+
+    def resolve_for_new_vm(self, track: Track, vm: str) -> ImageRow:
+        """``resolve``, refusing a retired version: no new VM may pin it."""
+        row = self.resolve(track)
+        if row.state is ImageState.RETIRED:
+            raise InputError(f"vms: {vm}: image: {row.ref} is retired; no new VM may pin it "
+                             f"(use {row.name}-{row.family}.* or a newer version)")
         return row
 
     def get(self, ref: str) -> ImageRow:

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,13 +24,16 @@ from agent import config as config_mod
 from agent.errors import HealthError, HvError
 from agent.health import run as ssh_run
 from agent.host import Host
+from agent.rollout import Policy, RetirePolicy, parse_duration, parse_family, parse_max_unavailable
 from agent.spec import load_spec
-from agent.state import host_lock
+from agent.state import RolloutState, host_lock
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="hvagent: run tenants' VMs from versioned qcow2 guest OS images on libvirt.")
-images_app = typer.Typer(no_args_is_help=True, help="The image catalog: publish and list guest OS images.")
+images_app = typer.Typer(no_args_is_help=True, help="The image catalog: publish, list, retire and collect images.")
 app.add_typer(images_app, name="images")
+rollout_app = typer.Typer(no_args_is_help=True, help="Rollouts: latest-track VMs moving to a family's newest version.")
+app.add_typer(rollout_app, name="rollout")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -81,18 +85,56 @@ def _emit_json(data: Any) -> None:
 
 
 # images ------------------------------------------------------------------------------------
+def _say(message: str) -> None:
+    out.print(message, markup=False, highlight=False)
+
+
+def _run_rollout(host: Host, rid: int) -> None:
+    ro = host.rollouts.run(rid, _say)
+    if ro.state is RolloutState.HALTED:
+        raise HealthError(f"rollout {ro.id} of {ro.family_ref}.* -> {ro.target} halted: {ro.reason}")
+    _say(f"rollout {ro.id} of {ro.family_ref}.* -> {ro.target}: {ro.state}")
+
+
 @images_app.command("publish")
 def images_publish(
     file: Annotated[Path, typer.Argument(help="qcow2 image file")],
     manifest: Annotated[Path | None, typer.Option("--manifest", "-m", help="default: FILE with .yaml")] = None,
+    policy: Annotated[Policy | None, typer.Option(help="rollout policy for this publish; default from config")] = None,
 ) -> None:
-    """Check a qcow2 image (hostile until proven otherwise) and add it to the catalog."""
-    with mutating() as host, Progress(TextColumn("publish"), BarColumn(), DownloadColumn(),
-                                      TimeElapsedColumn(), console=err, transient=True,
-                                      disable=not err.is_terminal) as bar:
-        task = bar.add_task("copy", total=None)
-        row = host.catalog.publish(file, manifest, progress=lambda d, t: bar.update(task, completed=d, total=t))
-    out.print(f"published {row.ref} (family {row.family}, sha256 {row.sha256[:16]}…) -> {row.path}")
+    """Check a qcow2 image (hostile until proven otherwise), add it to the catalog, roll it out."""
+    with mutating() as host:
+        with Progress(TextColumn("publish"), BarColumn(), DownloadColumn(), TimeElapsedColumn(), console=err,
+                      transient=True, disable=not err.is_terminal) as bar:
+            task = bar.add_task("copy", total=None)
+            row = host.catalog.publish(file, manifest, progress=lambda d, t: bar.update(task, completed=d, total=t))
+        out.print(f"published {row.ref} (family {row.family}, sha256 {row.sha256[:16]}…) -> {row.path}")
+        ro = host.rollouts.on_publish(row, policy)
+        if ro is not None:
+            _run_rollout(host, ro.id)
+        host.rollouts.enforce_retirements(_say)
+
+
+@images_app.command("retire")
+def images_retire(
+    ref: Annotated[str, typer.Argument(help="image version, e.g. tiny-1.18")],
+    grace: Annotated[str, typer.Option(help="time pinned VMs keep it: 0, 30m, 12h, 14d")] = "14d",
+    policy: Annotated[RetirePolicy, typer.Option(help="move: pinned VMs move after the grace; never: they stay")]
+    = RetirePolicy.MOVE,
+) -> None:
+    """No new VM may pin REF; VMs pinned to it are warned, then moved within their family."""
+    seconds = parse_duration(grace)
+    with mutating() as host:
+        r = host.rollouts.retire(ref, seconds, policy, _say)
+    out.print(f"retired {ref}: grace until {_ts(r.grace_until)}, policy {r.policy}")
+
+
+@images_app.command("gc")
+def images_gc(keep: Annotated[int | None, typer.Option(min=1, help="newest versions kept per family")] = None) -> None:
+    """Remove base images no VM uses that are not among the newest of their family."""
+    with mutating() as host:
+        removed = host.rollouts.gc(keep)
+    out.print(f"removed {', '.join(removed)}" if removed else "nothing to remove")
 
 
 @images_app.command("list")
@@ -136,7 +178,7 @@ def apply(
                               "yet (destroy it and apply again)[/]")
                 continue
             # Resolve every track before creating anything, so a bad track changes nothing.
-            host.catalog.resolve(vm.track)
+            host.catalog.resolve_for_new_vm(vm.track, vm.name)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                       disable=not err.is_terminal) as bar:
             for vm in spec.vms:
@@ -170,18 +212,21 @@ def ps(as_json: Annotated[bool, typer.Option("--json", help="machine-readable ou
     host = CTX.host()
     rows = host.state.vms()
     live = host.virt.managed_states() if rows else {}
+    warnings = host.rollouts.warnings()
     items = []
     for r in rows:
         endpoint = f"127.0.0.1:{r.host_port}" if r.host_port else "network"
         items.append({"name": r.name, "owner": r.owner, "image": r.image, "version": r.version, "track": r.track,
-                      "state": r.state, "domain": live.get(r.name, "missing"), "ssh": endpoint, "reason": r.reason})
+                      "state": r.state, "domain": live.get(r.name, "missing"), "ssh": endpoint, "reason": r.reason,
+                      "warning": warnings.get(r.name)})
     if as_json:
         _emit_json(items)
         return
-    table = Table("NAME", "OWNER", "VERSION", "TRACK", "STATE", "DOMAIN", "SSH")
+    table = Table("NAME", "OWNER", "VERSION", "TRACK", "STATE", "DOMAIN", "SSH", "NOTE")
     for i in items:
+        note = f"[yellow]warning: {i['warning']}[/]" if i["warning"] else (i["reason"] or "")
         table.add_row(i["name"], i["owner"], f"{i['image']}-{i['version']}", i["track"], i["state"], i["domain"],
-                      i["ssh"])
+                      i["ssh"], note)
     out.print(table)
 
 
@@ -192,7 +237,7 @@ def ssh(
 ) -> None:
     """Open a shell in a guest, or run a command, checking the VM's pinned host key."""
     host = CTX.host()
-    row = host.provisioner._row(name)
+    row = host.provisioner.row(name)
     ep = host.provisioner.endpoint(row)
     if command:
         r = ssh_run(ep, host.provisioner.agent_key.private, " ".join(command), timeout=300)
@@ -234,12 +279,97 @@ def events(
     out.print(table)
 
 
+# rollouts -----------------------------------------------------------------------------------
+@rollout_app.command("start")
+def rollout_start(
+    family: Annotated[str, typer.Argument(help="family, e.g. tiny-1")],
+    max_unavailable: Annotated[str | None, typer.Option(help="VMs at once: a count (3) or a percentage (25%)")]
+    = None,
+) -> None:
+    """Move every VM on FAMILY's latest track to its newest usable version, batch by batch."""
+    name, major = parse_family(family)
+    if max_unavailable is not None:
+        parse_max_unavailable(max_unavailable, "--max-unavailable")
+    with mutating() as host:
+        ro = host.rollouts.start(name, major, max_unavailable)
+        if ro is None:
+            out.print(f"nothing to do: every VM on {name}-{major}.* runs its newest version")
+            return
+        _run_rollout(host, ro.id)
+
+
+@rollout_app.command("resume")
+def rollout_resume(family: Annotated[str | None, typer.Argument(help="family; default: the paused one")] = None) \
+        -> None:
+    """Continue a paused rollout (in this process)."""
+    with mutating() as host:
+        ro = host.rollouts.resume(family)
+        _run_rollout(host, ro.id)
+
+
+@rollout_app.command("pause")
+def rollout_pause(family: Annotated[str | None, typer.Argument(help="family; default: the active one")] = None) \
+        -> None:
+    """Stop a rollout after its current batch; `rollout resume` continues it."""
+    ro = CTX.host().rollouts.pause(family)  # no host lock: the running rollout holds it
+    out.print(f"rollout {ro.id} ({ro.family_ref}.* -> {ro.target}) pauses after its current batch")
+
+
+@rollout_app.command("abort")
+def rollout_abort(family: Annotated[str | None, typer.Argument(help="family; default: the active one")] = None) \
+        -> None:
+    """End a rollout: the current batch finishes (swap or rollback), no other VM moves."""
+    ro = CTX.host().rollouts.abort(family)
+    out.print(f"rollout {ro.id} ({ro.family_ref}.* -> {ro.target}) aborted; its current batch finishes")
+
+
+def _rollout_view(host: Host, only_active: bool) -> tuple[list[dict[str, Any]], Table]:
+    rows = host.state.rollouts(active_only=only_active)
+    data: list[dict[str, Any]] = []
+    table = Table("ROLLOUT", "FAMILY", "TARGET", "STATE", "VM", "BATCH", "FROM", "STEP", "DOWNTIME", "REASON")
+    for ro in rows:
+        steps = host.state.steps(ro.id)
+        data.append({"id": ro.id, "family": f"{ro.family_ref}", "target": ro.target, "state": ro.state,
+                     "max_unavailable": ro.max_unavailable, "reason": ro.reason, "created_at": _ts(ro.created_at),
+                     "vms": [{"vm": s.vm, "batch": s.batch + 1, "from": s.from_version, "state": s.state,
+                              "downtime": s.downtime, "reason": s.reason} for s in steps]})
+        for i, s in enumerate(steps):
+            head = (str(ro.id), f"{ro.family_ref}.*", ro.target, str(ro.state)) if i == 0 else ("", "", "", "")
+            table.add_row(*head, s.vm, str(s.batch + 1), s.from_version, str(s.state),
+                          f"{s.downtime:.1f}s" if s.downtime else "", s.reason or (ro.reason if i == 0 else "") or "")
+    return data, table
+
+
+@rollout_app.command("status")
+def rollout_status(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="live display until no rollout is active")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="finished rollouts too")] = False,
+) -> None:
+    """Each rollout's VMs: batch, version they came from, step state, downtime."""
+    host = CTX.host()
+    if as_json:
+        _emit_json(_rollout_view(host, not all_)[0])
+        return
+    if not watch:
+        out.print(_rollout_view(host, not all_)[1])
+        return
+    from rich.live import Live
+
+    with Live(_rollout_view(host, False)[1], console=out, refresh_per_second=2) as live:
+        while True:
+            time.sleep(1)
+            live.update(_rollout_view(host, False)[1])
+            if not host.state.rollouts(active_only=True):
+                break
+
+
 @app.command()
 def demo(
     keep: Annotated[bool, typer.Option("--keep", help="leave the demo VMs running")] = False,
     images_dir: Annotated[Path, typer.Option(help="where `make images` put the images")] = Path("images/cache/out"),
 ) -> None:
-    """Publish tiny 1.0 and 2.0, run three VMs on them, show each guest's version."""
+    """Publish tiny 1.0 and 2.0, run three VMs, then publish 1.1 and watch the latest-track VM swap."""
     from agent.demo import run_demo
 
     run_demo(CTX, images_dir, keep, out, err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,6 +35,11 @@ class Config(BaseModel):
     port_max: int = Field(22999, ge=1024, le=65535, description="last 127.0.0.1 port for SSH forwards")
     health_timeout: float = Field(120.0, gt=0, description="seconds a new VM has to become healthy")
     shutdown_timeout: float = Field(30.0, gt=0, description="seconds of ACPI shutdown before forcing off")
+    rollout_policy: Literal["auto", "manual"] = Field(
+        "auto", description="auto: publishing a family's newest version swaps its latest-track VMs")
+    max_unavailable: str = Field("1", pattern=r"^(?:[1-9][0-9]{0,5}|(?:100|[1-9][0-9]?)%)$",
+                                 description="VMs swapped at once in a rollout: a count or a percentage")
+    keep_images: int = Field(2, ge=1, description="newest versions of each family kept by garbage collection")
     ssh_key: Path | None = Field(None, description="hvagent's own SSH key; default STATE_DIR/id_ed25519")
 
     @property

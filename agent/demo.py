@@ -27,7 +27,8 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
     state_dir = ctx.state_dir or DEMO_STATE
     cfg = config_mod.load(ctx.config, state_dir=state_dir, port_min=22800, port_max=22899)
     needed = [images_dir / f"tiny-{v}.qcow2" for v in ("1.0", "2.0")]
-    for path in needed:
+    newer = images_dir / "tiny-1.1.qcow2"
+    for path in (*needed, newer):
         if not path.exists():
             raise InputError(f"{path}: missing; build the images first: make images")
     host = Host(cfg)
@@ -59,23 +60,23 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
             for vm in spec.vms:
                 host.provisioner.wait(vm.name)
                 out.print(f"{vm.name}: healthy")
-        out.rule("3. hvagent ps")
-        table = Table("NAME", "VERSION", "TRACK", "STATE", "SSH")
-        for r in host.state.vms():
-            table.add_row(r.name, f"{r.image}-{r.version}", r.track, r.state, f"127.0.0.1:{r.host_port}")
-        out.print(table)
-        out.rule("4. inside each guest (SSH with the pinned host key)")
-        for r in host.state.vms():
-            ep = host.provisioner.endpoint(r)
-            res = ssh_run(ep, host.provisioner.agent_key.private,
-                          ". /etc/os-release; printf '%s VERSION_ID=%s, ' \"$PRETTY_NAME\" \"$VERSION_ID\"; "
-                          "tr '\\n' ' ' < /etc/hvagent-image")
-            out.print(f"{r.name}: {res.stdout.strip()}")
+        show(host, out, "3. hvagent ps")
+        inside(host, out, "4. inside each guest (SSH with the pinned host key)")
+        with host_lock(cfg.state_dir):
+            out.rule("5. the image pipeline publishes tiny 1.1: the latest-track VM swaps, the pinned one stays")
+            row = host.catalog.publish(newer)
+            out.print(f"published {row.ref}")
+            rollout = host.rollouts.on_publish(row)
+            if rollout is not None:
+                done = host.rollouts.run(rollout.id, say=lambda m: out.print(m, markup=False, highlight=False))
+                out.print(f"rollout {done.id}: {done.state}")
+        show(host, out, "6. hvagent ps after the rollout")
+        inside(host, out, "7. inside each guest again")
     finally:
         if keep:
             out.print(f"kept: state in {cfg.state_dir}; hvagent --state-dir {cfg.state_dir} ps")
         else:
-            out.rule("5. clean up")
+            out.rule("8. clean up")
             with host_lock(cfg.state_dir):
                 for r in host.state.vms():
                     host.provisioner.destroy(r.name, purge=True)
@@ -83,3 +84,21 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
             host.close()
             ctx._host = None
             shutil.rmtree(cfg.state_dir, ignore_errors=True)
+
+
+def show(host: Host, out: Console, title: str) -> None:
+    out.rule(title)
+    table = Table("NAME", "VERSION", "TRACK", "STATE", "SSH")
+    for r in host.state.vms():
+        table.add_row(r.name, f"{r.image}-{r.version}", r.track, r.state, f"127.0.0.1:{r.host_port}")
+    out.print(table)
+
+
+def inside(host: Host, out: Console, title: str) -> None:
+    out.rule(title)
+    for r in host.state.vms():
+        ep = host.provisioner.endpoint(r)
+        res = ssh_run(ep, host.provisioner.agent_key.private,
+                      ". /etc/os-release; printf '%s VERSION_ID=%s, ' \"$PRETTY_NAME\" \"$VERSION_ID\"; "
+                      "tr '\\n' ' ' < /etc/hvagent-image")
+        out.print(f"{r.name}: {res.stdout.strip()}", markup=False, highlight=False)

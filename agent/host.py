@@ -11,7 +11,9 @@ from agent.config import Accel, Config
 from agent.domxml import DomainType
 from agent.errors import EnvError
 from agent.provision import Provisioner
+from agent.rollout import Rollouts
 from agent.state import State
+from agent.swap import Swapper
 from agent.virt import Virt
 
 
@@ -31,11 +33,14 @@ class Host:
         self.catalog = Catalog(cfg, self.state)
         self.virt = Virt(cfg.libvirt_uri)
         self.provisioner = Provisioner(cfg, self.state, self.catalog, self.virt, self.accelerator)
+        self.swapper = Swapper(cfg, self.state, self.catalog, self.virt, self.provisioner, self.accelerator)
+        self.rollouts = Rollouts(cfg, self.state, self.catalog, self.swapper)
         self._accel: DomainType | None = None
 
     def recover(self) -> None:
         self.catalog.recover()
         self.provisioner.recover()
+        self.swapper.recover()
 
     def accelerator(self) -> DomainType:
         """``auto`` runs a probe guest under KVM once per host boot and caches what it saw."""

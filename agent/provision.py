@@ -82,7 +82,7 @@ class Provisioner:
             raise Conflict(f"vm {spec.name}: already exists")
         if self.virt.exists(spec.name):
             raise Conflict(f"vm {spec.name}: a libvirt domain of that name exists and hvagent did not create it")
-        image = self.catalog.resolve(spec.track)
+        image = self.catalog.resolve_for_new_vm(spec.track, spec.name)
         manifest = Manifest.model_validate(image.manifest)
         base = self.catalog.base_for_use(image)
         if spec.data_disk > self.cfg.max_data_disk_gib:
@@ -107,7 +107,7 @@ class Provisioner:
             write_keypair(new_ed25519(f"{spec.name} host key"), paths.host_key)
             say(f"{spec.name}: overlay on {image.ref}")
             make_overlay(base, paths.os_disk(image.version))
-            self._write_seed(row, paths)
+            self.write_vm_seed(row, paths)
             if spec.data_disk:
                 if data_existed:
                     say(f"{spec.name}: reusing data disk {paths.data}")
@@ -128,7 +128,7 @@ class Provisioner:
 
     def wait(self, name: str) -> VmRow:
         """Wait for health; the VM ends ``running`` or ``failed`` with the reason kept."""
-        row = self._row(name)
+        row = self.row(name)
         manifest = Manifest.model_validate(self._image(row).manifest)
         spec = VmSpec.model_validate(row.spec)
         started = self.state.clock()
@@ -142,7 +142,7 @@ class Provisioner:
         self.state.update_vm(name, state=VmState.RUNNING, reason=None)
         self.state.event("vm.running", f"healthy: VERSION_ID={manifest.expected_version_id}", vm=name,
                          duration=self.state.clock() - started)
-        return self._row(name)
+        return self.row(name)
 
     def _undo_create(self, name: str, paths: VmPaths, data_existed: bool) -> None:
         if self.virt.is_managed(name):
@@ -153,7 +153,7 @@ class Provisioner:
             paths.data.unlink(missing_ok=True)
         self.state.delete_vm(name)
 
-    def _write_seed(self, row: VmRow, paths: VmPaths) -> None:
+    def write_vm_seed(self, row: VmRow, paths: VmPaths) -> None:
         spec = VmSpec.model_validate(row.spec)
         host_key = KeyPair(paths.host_key.read_text(), paths.host_key.with_name(paths.host_key.name + ".pub")
                            .read_text().strip())
@@ -184,7 +184,7 @@ class Provisioner:
 
     # destroy -------------------------------------------------------------------------------
     def destroy(self, name: str, purge: bool = False) -> None:
-        row = self._row(name)
+        row = self.row(name)
         paths = VmPaths.of(self.cfg, name)
         intent = self.state.begin("destroy", name, {"root": str(paths.root), "purge": purge})
         self.state.update_vm(name, state=VmState.DESTROYING)
@@ -226,7 +226,7 @@ class Provisioner:
             return Endpoint(address, 22, manifest.ssh_user, pub)
         return Endpoint("127.0.0.1", row.host_port, manifest.ssh_user, pub)
 
-    def _row(self, name: str) -> VmRow:
+    def row(self, name: str) -> VmRow:
         row = self.state.vm(name)
         if row is None:
             raise NotFound(f"vm {name}: no such VM")

@@ -38,6 +38,20 @@ CREATE TABLE IF NOT EXISTS events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, vm TEXT, kind TEXT NOT NULL,
   message TEXT NOT NULL, duration REAL
 );
+CREATE TABLE IF NOT EXISTS retirements (
+  name TEXT NOT NULL, version TEXT NOT NULL, retired_at REAL NOT NULL, grace_until REAL NOT NULL,
+  policy TEXT NOT NULL, PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, family INTEGER NOT NULL,
+  target TEXT NOT NULL, state TEXT NOT NULL, max_unavailable TEXT NOT NULL, reason TEXT,
+  created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_vms (
+  rollout INTEGER NOT NULL REFERENCES rollouts(id), vm TEXT NOT NULL, batch INTEGER NOT NULL,
+  from_version TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, started_at REAL, finished_at REAL,
+  downtime REAL, PRIMARY KEY (rollout, vm)
+);
 CREATE TABLE IF NOT EXISTS journal (
   id INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, target TEXT NOT NULL,
   intent TEXT NOT NULL, started_at REAL NOT NULL
@@ -49,6 +63,26 @@ class ImageState(StrEnum):
     ACTIVE = "active"
     RETIRED = "retired"
     BAD = "bad"
+
+
+class RolloutState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    HALTED = "halted"  # a swap failed and was rolled back
+    ABORTED = "aborted"
+    DONE = "done"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RolloutState.HALTED, RolloutState.ABORTED, RolloutState.DONE)
+
+
+class StepState(StrEnum):
+    PENDING = "pending"
+    SWAPPING = "swapping"
+    DONE = "done"
+    ROLLED_BACK = "rolled-back"
+    SKIPPED = "skipped"
 
 
 class VmState(StrEnum):
@@ -107,6 +141,45 @@ class Event:
     kind: str
     message: str
     duration: float | None
+
+
+@dataclass(frozen=True)
+class Retirement:
+    name: str
+    version: str
+    retired_at: float
+    grace_until: float
+    policy: str  # "move" | "never"
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    id: int
+    name: str
+    family: int
+    target: str
+    state: RolloutState
+    max_unavailable: str
+    reason: str | None
+    created_at: float
+    updated_at: float
+
+    @property
+    def family_ref(self) -> str:
+        return f"{self.name}-{self.family}"
+
+
+@dataclass(frozen=True)
+class StepRow:
+    rollout: int
+    vm: str
+    batch: int
+    from_version: str
+    state: StepState
+    reason: str | None
+    started_at: float | None
+    finished_at: float | None
+    downtime: float | None
 
 
 @dataclass(frozen=True)
@@ -170,7 +243,9 @@ class State:
         self.db.execute("UPDATE images SET state=? WHERE name=? AND version=?", (state.value, name, version))
 
     def delete_image(self, name: str, version: str) -> None:
-        self.db.execute("DELETE FROM images WHERE name=? AND version=?", (name, version))
+        with self.tx() as db:
+            db.execute("DELETE FROM retirements WHERE name=? AND version=?", (name, version))
+            db.execute("DELETE FROM images WHERE name=? AND version=?", (name, version))
 
     @staticmethod
     def _image(r: sqlite3.Row) -> ImageRow:
@@ -233,6 +308,61 @@ class State:
         args: tuple[Any, ...] = (vm, limit) if vm else (limit,)
         rows = self.db.execute(q, args).fetchall()
         return [Event(r["id"], r["ts"], r["vm"], r["kind"], r["message"], r["duration"]) for r in reversed(rows)]
+
+    # retirements
+    def retire(self, r: Retirement) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO retirements VALUES (?,?,?,?,?)",
+                       (r.name, r.version, r.retired_at, r.grace_until, r.policy))
+            db.execute("UPDATE images SET state=? WHERE name=? AND version=? AND state=?",
+                       (ImageState.RETIRED.value, r.name, r.version, ImageState.ACTIVE.value))
+
+    def retirements(self) -> list[Retirement]:
+        rows = self.db.execute("SELECT * FROM retirements ORDER BY name, retired_at").fetchall()
+        return [Retirement(r["name"], r["version"], r["retired_at"], r["grace_until"], r["policy"]) for r in rows]
+
+    def retirement(self, name: str, version: str) -> Retirement | None:
+        return next((r for r in self.retirements() if (r.name, r.version) == (name, version)), None)
+
+    # rollouts
+    def add_rollout(self, name: str, family: int, target: str, max_unavailable: str,
+                    steps: list[tuple[str, int, str]]) -> int:
+        now = self.clock()
+        with self.tx() as db:
+            cur = db.execute("INSERT INTO rollouts (name, family, target, state, max_unavailable, reason, created_at,"
+                             " updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                             (name, family, target, RolloutState.RUNNING.value, max_unavailable, None, now, now))
+            rid = cur.lastrowid
+            assert rid is not None
+            db.executemany("INSERT INTO rollout_vms (rollout, vm, batch, from_version, state) VALUES (?,?,?,?,?)",
+                           [(rid, vm, batch, frm, StepState.PENDING.value) for vm, batch, frm in steps])
+        return rid
+
+    def rollouts(self, active_only: bool = False) -> list[RolloutRow]:
+        rows = self.db.execute("SELECT * FROM rollouts ORDER BY id").fetchall()
+        out = [RolloutRow(r["id"], r["name"], r["family"], r["target"], RolloutState(r["state"]),
+                          r["max_unavailable"], r["reason"], r["created_at"], r["updated_at"]) for r in rows]
+        return [r for r in out if not r.state.finished] if active_only else out
+
+    def rollout(self, rid: int) -> RolloutRow | None:
+        return next((r for r in self.rollouts() if r.id == rid), None)
+
+    def set_rollout(self, rid: int, state: RolloutState, reason: str | None = None) -> None:
+        self.db.execute("UPDATE rollouts SET state=?, reason=COALESCE(?, reason), updated_at=? WHERE id=?",
+                        (state.value, reason, self.clock(), rid))
+
+    def steps(self, rid: int) -> list[StepRow]:
+        rows = self.db.execute("SELECT * FROM rollout_vms WHERE rollout=? ORDER BY batch, vm", (rid,)).fetchall()
+        return [StepRow(r["rollout"], r["vm"], r["batch"], r["from_version"], StepState(r["state"]), r["reason"],
+                        r["started_at"], r["finished_at"], r["downtime"]) for r in rows]
+
+    def set_step(self, rid: int, vm: str, state: StepState, **fields: Any) -> None:
+        allowed = {"reason", "started_at", "finished_at", "downtime"}
+        if not set(fields) <= allowed:
+            raise ValueError(f"cannot update {sorted(set(fields) - allowed)}")
+        sets = "".join(f", {k}=?" for k in fields)  # keys come from the allow-list above
+        self.db.execute(f"UPDATE rollout_vms SET state=?{sets} WHERE rollout=? AND vm=?",
+                        (state.value, *fields.values(), rid, vm))
 
     # journal
     def begin(self, op: str, target: str, intent: dict[str, Any]) -> int:

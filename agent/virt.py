@@ -243,6 +243,20 @@ class Virt:
 
         self._call(f"destroy {name}", run)
 
+    def request_shutdown(self, name: str) -> None:
+        """Press the ACPI power button; do not wait."""
+
+        def run(conn: Any) -> None:
+            dom = self._managed_dom(conn, name)
+            try:
+                if dom.isActive():
+                    dom.shutdown()
+            except libvirt.libvirtError as e:
+                if _code(e) != libvirt.VIR_ERR_OPERATION_INVALID:
+                    raise
+
+        self._call(f"shutdown {name}", run)
+
     def shutdown(self, name: str, timeout: float, poll: float = 0.25) -> bool:
         """ACPI shutdown; destroy if still running after ``timeout`` s. True if it went down by itself."""
 

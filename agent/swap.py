@@ -1,0 +1,224 @@
+"""Swap: move VMs to another version of their family's image, health-gated, with rollback.
+
+A swap keeps the VM's identity (name, UUID, MAC, forwarded port, SSH host key, owner keys) and
+its data disk; it replaces the OS disk with a new overlay on the target base and gives the seed
+a new instance-id, so the guest's first-boot configuration runs again on the new disk. The old
+overlay is deleted only once the VM is healthy on the new version; until then it is what a
+rollback boots again.
+
+``swap_batch`` swaps several VMs at once (one update domain): they shut down together, boot
+together and are health-checked in parallel, so a batch costs about one swap of wall time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from agent.catalog import Catalog
+from agent.config import Config
+from agent.domxml import DomainType
+from agent.errors import HealthError, HvError, InputError
+from agent.health import wait_healthy
+from agent.manifest import Manifest
+from agent.provision import Provisioner, VmPaths, make_overlay
+from agent.spec import VmSpec
+from agent.state import ImageRow, ImageState, State, VmRow, VmState
+from agent.version import Version
+from agent.virt import DomState, Virt
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    vm: str
+    ok: bool
+    from_version: str
+    to_version: str
+    reason: str = ""
+    downtime: float | None = None  # SSH-unreachable window: shutdown request .. healthy again
+    rolled_back_healthy: bool = True
+
+
+@dataclass
+class _Job:
+    old: VmRow
+    new: VmRow
+    intent: int
+    t_down: float = 0.0
+
+
+class Swapper:
+    def __init__(self, cfg: Config, state: State, catalog: Catalog, virt: Virt, prov: Provisioner,
+                 accel: Callable[[], DomainType], clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.catalog = catalog
+        self.virt = virt
+        self.prov = prov
+        self._accel = accel
+        self._clock = clock
+
+    def check_target(self, vm: VmRow, target: ImageRow) -> None:
+        """Invariant 4: no swap crosses families (or image lineages)."""
+        if vm.image != target.name or Version.parse(vm.version).family != target.family:
+            raise InputError(f"vm {vm.name}: runs {vm.image}-{vm.version}; {target.ref} is another family, "
+                             "and a VM never moves across families")
+
+    def swap_batch(self, names: list[str], target: ImageRow, say: Say = lambda _: None) -> list[Outcome]:
+        base = self.catalog.base_for_use(target)
+        manifest = Manifest.model_validate(target.manifest)
+        accel = self._accel()
+        jobs: list[_Job] = []
+        for name in names:
+            old = self.prov.row(name)
+            self.check_target(old, target)
+            new = dataclasses.replace(old, version=target.version,
+                                      instance_id=f"{name}-{secrets.token_hex(4)}")
+            intent = self.state.begin("swap", name, {"from": old.version, "to": target.version,
+                                                     "old_instance_id": old.instance_id,
+                                                     "new_instance_id": new.instance_id})
+            self.state.update_vm(name, state=VmState.SWAPPING, reason=None)
+            self.state.event("swap.start", f"{old.image}-{old.version} -> {target.ref}", vm=name)
+            jobs.append(_Job(old, new, intent))
+
+        # 1. graceful shutdown of the whole batch (ACPI, then force after the timeout)
+        say(f"shutting down {', '.join(names)}")
+        for job in jobs:
+            job.t_down = self._clock()
+        self._shutdown_all([j.old.name for j in jobs])
+        # 2. new overlay, new instance-id, same identity; start
+        started: list[_Job] = []
+        outcomes: list[Outcome] = []
+        for job in jobs:
+            paths = VmPaths.of(self.cfg, job.old.name)
+            try:
+                make_overlay(base, paths.os_disk(target.version))
+                self.prov.write_vm_seed(job.new, paths)
+                self.virt.define(self.prov.domain(job.new, manifest, accel))
+                self.virt.start(job.old.name)
+                started.append(job)
+            except HvError as e:
+                outcomes.append(self._rollback(job, target, f"could not start on {target.ref}: {e.message}"))
+        # 3. health of every started VM, in parallel
+        say(f"booting {', '.join(j.old.name for j in started)} on {target.ref}, waiting for health")
+        checks = self._health_all(started, manifest.expected_version_id)
+        for job, error in zip(started, checks, strict=True):
+            if error is None:
+                outcomes.append(self._commit(job, target))
+            else:
+                outcomes.append(self._rollback(job, target, error))
+        order = {n: i for i, n in enumerate(names)}
+        return sorted(outcomes, key=lambda o: order[o.vm])
+
+    # -- steps --------------------------------------------------------------------------------
+    def _shutdown_all(self, names: list[str]) -> None:
+        for name in names:
+            if self.virt.state(name) is DomState.RUNNING:
+                self.virt.request_shutdown(name)
+        deadline = self._clock() + self.cfg.shutdown_timeout
+        waiting = set(names)
+        while waiting and self._clock() < deadline:
+            waiting = {n for n in waiting if self.virt.state(n) not in (DomState.SHUTOFF, DomState.MISSING)}
+            if waiting:
+                time.sleep(0.25)
+        for name in waiting:
+            self.state.event("swap.forced-off", f"ignored ACPI shutdown for {self.cfg.shutdown_timeout:.0f}s",
+                             vm=name)
+            self.virt.destroy(name)
+
+    def _health_all(self, jobs: list[_Job], expected: str) -> list[str | None]:
+        """None for each healthy VM, else the reason. SSH only: no database access in threads."""
+        key = self.prov.agent_key.private
+
+        def one(job: _Job) -> str | None:
+            spec = VmSpec.model_validate(job.new.spec)
+            try:
+                wait_healthy(self.prov.endpoint(job.new), key, expected, spec.health.command, spec.health.timeout)
+            except HealthError as e:
+                return e.message
+            return None
+
+        if not jobs:
+            return []
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            return list(pool.map(one, jobs))
+
+    def _commit(self, job: _Job, target: ImageRow) -> Outcome:
+        name = job.old.name
+        downtime = self._clock() - job.t_down
+        self.state.update_vm(name, version=target.version, instance_id=job.new.instance_id,
+                             state=VmState.RUNNING, reason=None)
+        paths = VmPaths.of(self.cfg, name)
+        if job.old.version != target.version:
+            paths.os_disk(job.old.version).unlink(missing_ok=True)
+        self.state.event("swap.done", f"{job.old.version} -> {target.version}, downtime {downtime:.1f}s", vm=name,
+                         duration=downtime)
+        self.state.done(job.intent)
+        return Outcome(name, True, job.old.version, target.version, downtime=downtime)
+
+    def _rollback(self, job: _Job, target: ImageRow, reason: str) -> Outcome:
+        """Boot the old overlay again with the old instance-id; mark the target bad on this host."""
+        name = job.old.name
+        self.state.event("swap.failed", f"on {target.ref}: {reason}", vm=name)
+        self.state.update_vm(name, state=VmState.ROLLING_BACK, reason=reason)
+        self.state.set_image_state(target.name, target.version, ImageState.BAD)
+        self.state.event("image.bad", f"{target.ref} failed health on {name}: {reason}")
+        t0 = self._clock()
+        healthy = self._restore(job.old, target.version)
+        self.state.done(job.intent)
+        if healthy is None:
+            self.state.update_vm(name, state=VmState.RUNNING, reason=f"rolled back from {target.ref}: {reason}")
+            self.state.event("rollback.done", f"back on {job.old.version}", vm=name, duration=self._clock() - t0)
+        else:
+            self.state.update_vm(name, state=VmState.FAILED, reason=f"rollback unhealthy: {healthy}")
+            self.state.event("rollback.failed", healthy, vm=name, duration=self._clock() - t0)
+        return Outcome(name, False, job.old.version, target.version, reason=reason,
+                       rolled_back_healthy=healthy is None)
+
+    def _restore(self, old: VmRow, failed_version: str) -> str | None:
+        """Put back the domain of ``old`` and boot it; None when healthy, else why not."""
+        name = old.name
+        paths = VmPaths.of(self.cfg, name)
+        if self.virt.is_managed(name):
+            self.virt.destroy(name)
+        image = self.state.image(old.image, old.version)
+        assert image is not None
+        manifest = Manifest.model_validate(image.manifest)
+        self.prov.write_vm_seed(old, paths)
+        self.virt.define(self.prov.domain(old, manifest, self._accel()))
+        if failed_version != old.version:
+            paths.os_disk(failed_version).unlink(missing_ok=True)
+        self.virt.start(name)
+        spec = VmSpec.model_validate(old.spec)
+        try:
+            wait_healthy(self.prov.endpoint(old), self.prov.agent_key.private, manifest.expected_version_id,
+                         spec.health.command, spec.health.timeout)
+        except HealthError as e:
+            return e.message
+        return None
+
+    def recover(self) -> None:
+        """A swap interrupted by a crash: committed ones lose their old overlay, others roll back."""
+        for it in self.state.pending():
+            if it.op != "swap":
+                continue
+            row = self.state.vm(it.target)
+            if row is not None:
+                paths = VmPaths.of(self.cfg, row.name)
+                if row.version == it.intent["to"] and row.instance_id == it.intent["new_instance_id"]:
+                    if it.intent["from"] != row.version:
+                        paths.os_disk(it.intent["from"]).unlink(missing_ok=True)
+                    self.state.update_vm(row.name, state=VmState.RUNNING)
+                else:
+                    reason = self._restore(row, it.intent["to"])
+                    self.state.update_vm(row.name, state=VmState.RUNNING if reason is None else VmState.FAILED,
+                                         reason=reason)
+                self.state.event("swap.recovered", f"interrupted swap to {it.intent['to']} settled", vm=row.name)
+            self.state.done(it.id)
+
