@@ -23,9 +23,10 @@ from agent.catalog import Catalog
 from agent.config import Config
 from agent.domxml import DomainType
 from agent.errors import HealthError, HvError, InputError
-from agent.health import wait_healthy
+from agent.health import Endpoint, wait_healthy
 from agent.manifest import Manifest
 from agent.provision import Provisioner, VmPaths, make_overlay
+from agent.spec import Health as HealthSpec
 from agent.spec import VmSpec
 from agent.state import ImageRow, ImageState, State, VmRow, VmState
 from agent.version import Version
@@ -135,11 +136,12 @@ class Swapper:
     def _health_all(self, jobs: list[_Job], expected: str) -> list[str | None]:
         """None for each healthy VM, else the reason. SSH only: no database access in threads."""
         key = self.prov.agent_key.private
+        probes = [(self.prov.endpoint(j.new), VmSpec.model_validate(j.new.spec).health) for j in jobs]
 
-        def one(job: _Job) -> str | None:
-            spec = VmSpec.model_validate(job.new.spec)
+        def one(probe: tuple[Endpoint, HealthSpec]) -> str | None:
+            endpoint, check = probe
             try:
-                wait_healthy(self.prov.endpoint(job.new), key, expected, spec.health.command, spec.health.timeout)
+                wait_healthy(endpoint, key, expected, check.command, check.timeout)
             except HealthError as e:
                 return e.message
             return None
@@ -147,7 +149,7 @@ class Swapper:
         if not jobs:
             return []
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            return list(pool.map(one, jobs))
+            return list(pool.map(one, probes))
 
     def _commit(self, job: _Job, target: ImageRow) -> Outcome:
         name = job.old.name
