@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent import health
+from agent.errors import InputError
 from agent.host import Host
 from agent.provision import VmPaths
 from agent.rollout import RetirePolicy
@@ -41,7 +42,7 @@ def publish_and_roll(host: Host, ref: str) -> RolloutState | None:
     return None if ro is None else host.rollouts.run(ro.id).state
 
 
-def test_latest_track_rollout_rollback_retire_gc(host: Host, tenant_key: KeyPair) -> None:
+def test_latest_track_rollout_rollback_retire_gc(host: Host, state_dir: Path, tenant_key: KeyPair) -> None:
     for ref in ("tiny-1.0", "tiny-2.0"):
         host.catalog.publish(image(ref))
     vms = [{"name": "t-pin", "image": "tiny-1.0"},
@@ -103,7 +104,15 @@ def test_latest_track_rollout_rollback_retire_gc(host: Host, tenant_key: KeyPair
     assert version_id(host, "t-two", tenant_key) == "2.1"
     assert {v.name: (v.version, v.instance_id) for v in host.state.vms() if v.name != "t-two"} == fam1
 
-    # retire 1.0 with no grace: the pinned VM moves to the newest good 1.x (1.1; 1.2 is bad).
+    # retire 1.0 with a grace period: no new pins, the pinned VM is warned in ps and in events.
+    host.rollouts.retire("tiny-1.0", 14 * 86400, RetirePolicy.MOVE)
+    [ps_pin] = [v for v in json.loads(hvagent(state_dir, "ps", "--json").stdout) if v["name"] == "t-pin"]
+    assert "retired tiny-1.0" in ps_pin["warning"] and ps_pin["version"] == "1.0"
+    assert any(e.kind == "vm.warning" for e in host.state.events("t-pin"))
+    with pytest.raises(InputError, match="retired"):
+        host.provisioner.create(parse_spec({"vms": [{"name": "t-new", "owner": "a", "image": "tiny-1.0",
+                                                     "ssh_keys": [tenant_key.public]}]}).vms[0])
+    # ... and with no grace: the pinned VM moves to the newest good 1.x (1.1; 1.2 is bad).
     host.rollouts.retire("tiny-1.0", 0, RetirePolicy.MOVE)
     assert version_id(host, "t-pin", tenant_key) == "1.1"
     pin = host.state.vm("t-pin")
@@ -114,6 +123,12 @@ def test_latest_track_rollout_rollback_retire_gc(host: Host, tenant_key: KeyPair
     removed = host.rollouts.gc(keep=2)
     assert "tiny-1.0" in removed and "tiny-1.1" not in removed and "tiny-1.2" not in removed
     assert not (host.cfg.store / "tiny" / "tiny-1.0.qcow2").exists()
+
+    # publishing an older minor than the newest changes nothing.
+    now = {v.name: (v.version, v.instance_id) for v in host.state.vms()}
+    assert publish_and_roll(host, "tiny-1.0") is None
+    assert {v.name: (v.version, v.instance_id) for v in host.state.vms()} == now
+    assert host.state.events()[-1].kind == "rollout.none"
 
 
 def test_abort_mid_rollout_leaves_every_vm_healthy(state_dir: Path, tenant_key: KeyPair) -> None:
@@ -126,9 +141,14 @@ def test_abort_mid_rollout_leaves_every_vm_healthy(state_dir: Path, tenant_key: 
     try:
         r = hvagent(state_dir, "apply", str(spec))
         assert r.returncode == 0, r.stderr
+        # policy manual: publishing moves nothing until `rollout start`
+        r = hvagent(state_dir, "images", "publish", "--policy", "manual", str(image("tiny-1.1")))
+        assert r.returncode == 0, r.stderr
+        assert {v["version"] for v in json.loads(hvagent(state_dir, "ps", "--json").stdout)} == {"1.0"}
+        assert "rollout.waiting" in hvagent(state_dir, "events", "--json").stdout
         exe = Path(".venv/bin/hvagent").resolve()
         env_cfg = {"HVAGENT_CONFIG": str(state_dir / "config.yaml")}
-        publish = subprocess.Popen([str(exe), "images", "publish", str(image("tiny-1.1"))],
+        publish = subprocess.Popen([str(exe), "rollout", "start", "tiny-1"],
                                    env={**os.environ, **env_cfg}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
         deadline = time.monotonic() + 120
