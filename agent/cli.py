@@ -179,6 +179,7 @@ def apply(
                 continue
             # Resolve every track before creating anything, so a bad track changes nothing.
             host.catalog.resolve_for_new_vm(vm.track, vm.name)
+        host.provisioner.check_capacity([vm for vm in spec.vms if host.state.vm(vm.name) is None])
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                       disable=not err.is_terminal) as bar:
             for vm in spec.vms:

@@ -31,6 +31,11 @@ class Config(BaseModel):
     accelerator: Accel = Field(Accel.AUTO, description="auto: KVM only if a probe guest runs under KVM")
     max_virtual_size: int = Field(64 * GiB, gt=0, description="largest image virtual size accepted")
     max_data_disk_gib: int = Field(512, gt=0, description="largest data disk a spec may ask for")
+    capacity_vcpus: int | None = Field(None, gt=0, description="vCPUs all VMs may have; default 4 per host CPU")
+    capacity_memory_mib: int | None = Field(
+        None, gt=0, description="MiB all VMs may have; default the host's memory less 1 GiB")
+    capacity_disk_gib: int | None = Field(
+        None, gt=0, description="GiB of data disks all VMs may have; default the state filesystem's size")
     port_min: int = Field(22200, ge=1024, le=65535, description="first 127.0.0.1 port for SSH forwards")
     port_max: int = Field(22999, ge=1024, le=65535, description="last 127.0.0.1 port for SSH forwards")
     health_timeout: float = Field(120.0, gt=0, description="seconds a new VM has to become healthy")

@@ -85,9 +85,7 @@ class Provisioner:
         image = self.catalog.resolve_for_new_vm(spec.track, spec.name)
         manifest = Manifest.model_validate(image.manifest)
         base = self.catalog.base_for_use(image)
-        if spec.data_disk > self.cfg.max_data_disk_gib:
-            raise InputError(f"data_disk: {spec.data_disk} GiB exceeds this host's limit of "
-                             f"{self.cfg.max_data_disk_gib} GiB")
+        self.check_capacity([spec])
         accel = self._accel()
         paths = VmPaths.of(self.cfg, spec.name)
         port = self._free_port() if spec.network.mode is NetMode.USER else None
@@ -143,6 +141,34 @@ class Provisioner:
         self.state.event("vm.running", f"healthy: VERSION_ID={manifest.expected_version_id}", vm=name,
                          duration=self.state.clock() - started)
         return self.row(name)
+
+    def capacity(self) -> dict[str, int]:
+        """What all VMs together may have on this host: vCPUs, memory MiB, data disk GiB."""
+        cfg = self.cfg
+        st = os.statvfs(cfg.state_dir)
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+        return {"cpus": cfg.capacity_vcpus or 4 * (os.cpu_count() or 1),
+                "memory": cfg.capacity_memory_mib or max(memory - 1024, 64),
+                "data_disk": cfg.capacity_disk_gib or st.f_frsize * st.f_blocks // (1 << 30)}
+
+    def check_capacity(self, new: list[VmSpec]) -> None:
+        """Refuse VMs that would take this host beyond its capacity, before anything is created."""
+        limits = self.capacity()
+        used = {k: 0 for k in limits}
+        for row in self.state.vms():
+            existing = VmSpec.model_validate(row.spec)
+            for k in used:
+                used[k] += int(getattr(existing, k))
+        units = {"cpus": "vCPUs", "memory": "MiB of memory", "data_disk": "GiB of data disk"}
+        for spec in new:
+            if spec.data_disk > self.cfg.max_data_disk_gib:
+                raise InputError(f"vms: {spec.name}: data_disk: {spec.data_disk} GiB exceeds this host's limit of "
+                                 f"{self.cfg.max_data_disk_gib} GiB per disk")
+            for k in used:
+                used[k] += int(getattr(spec, k))
+                if used[k] > limits[k]:
+                    raise Conflict(f"vms: {spec.name}: {k}: would take this host to {used[k]} {units[k]}, "
+                                   f"beyond its capacity of {limits[k]}")
 
     def _undo_create(self, name: str, paths: VmPaths, data_existed: bool) -> None:
         if self.virt.is_managed(name):

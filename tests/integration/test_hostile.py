@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent.seed import KeyPair
 from tests.conftest import hvagent, image
 
 pytestmark = pytest.mark.integration
@@ -284,3 +285,42 @@ def test_hostile_specs_refused_and_nothing_changes(seeded: Path) -> None:
     after = (hvagent(seeded, "ps", "--json").stdout, sorted(p.name for p in seeded.rglob("*")),
              hvagent(seeded, "events", "--json").stdout)
     assert after == before
+
+
+@pytest.mark.parametrize("setting,vms,needle", [
+    ("capacity_memory_mib: 512", [{"memory": 256}, {"memory": 256}, {"memory": 128}], "memory"),
+    ("capacity_vcpus: 2", [{"cpus": 1}, {"cpus": 2}], "cpus"),
+    ("capacity_disk_gib: 3", [{"data_disk": 2}, {"data_disk": 2}], "data_disk"),
+])
+def test_provisioning_beyond_capacity_is_refused(seeded: Path, setting: str, vms: list[dict[str, object]],
+                                                 needle: str) -> None:
+    cfgf = seeded / "config.yaml"
+    cfgf.write_text(cfgf.read_text() + setting + "\n")
+    spec = seeded / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"vms": [{**GOOD, "name": f"t-cap-{i}", **v} for i, v in enumerate(vms)]}))
+    before = (hvagent(seeded, "ps", "--json").stdout, sorted(p.name for p in seeded.rglob("*")))
+    r = hvagent(seeded, "apply", str(spec))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr and "capacity" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (hvagent(seeded, "ps", "--json").stdout, sorted(p.name for p in seeded.rglob("*"))) == before
+
+
+def test_two_applies_at_once_make_one_vm(seeded: Path, tenant_key: KeyPair) -> None:
+    spec = seeded / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"vms": [{**GOOD, "name": "t-race", "ssh_keys": [tenant_key.public]}]}))
+    exe = Path(".venv/bin/hvagent").resolve()
+    env = {**os.environ, "HVAGENT_CONFIG": str(seeded / "config.yaml")}
+    try:
+        procs = [subprocess.Popen([str(exe), "apply", str(spec)], env=env, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        said = sorted(o[0].strip().splitlines()[-1] for o in outs)
+        assert said == ["created 1 VM(s): t-race", "nothing to do: the host already matches the spec"], said
+        ps = json.loads(hvagent(seeded, "ps", "--json").stdout)
+        assert [(v["name"], v["state"], v["domain"]) for v in ps] == [("t-race", "running", "running")]
+        listed = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True,
+                                text=True, check=True).stdout.split()
+        assert listed.count("t-race") == 1
+    finally:
+        hvagent(seeded, "destroy", "t-race", "--purge")
