@@ -27,10 +27,11 @@ def write_spec(path: Path, vms: list[dict[str, object]]) -> Path:
     return path
 
 
-def domains(uri: str = "qemu:///system") -> set[str]:
+def domains(prefix: str = "t-", uri: str = "qemu:///system") -> dict[str, str]:
+    """This test's domains (names starting with ``prefix``) with their UUIDs; other runs' are not ours."""
     conn = libvirt.open(uri)
     try:
-        return {d.name() for d in conn.listAllDomains()}
+        return {d.name(): d.UUIDString() for d in conn.listAllDomains() if d.name().startswith(prefix)}
     finally:
         conn.close()
 
@@ -72,11 +73,11 @@ def test_two_families_apply_ps_ssh_and_idempotent(cli_state: Path, tenant_key: K
         assert r.returncode == 0 and "family=2" in r.stdout, r.stderr
 
         before_db = json.loads(hvagent(cli_state, "ps", "--json", check=True).stdout)
-        before_doms = domains()
+        before_doms = domains("t-one") | domains("t-two")
         r = hvagent(cli_state, "apply", str(spec))
         assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr
         assert json.loads(hvagent(cli_state, "ps", "--json", check=True).stdout) == before_db
-        assert domains() == before_doms
+        assert domains("t-one") | domains("t-two") == before_doms
 
         images_list = {i["version"]: i for i in json.loads(hvagent(cli_state, "images", "list", "--json").stdout)}
         assert images_list["1.0"]["vms"] == 1 and images_list["2.0"]["vms"] == 1
@@ -85,7 +86,7 @@ def test_two_families_apply_ps_ssh_and_idempotent(cli_state: Path, tenant_key: K
     finally:
         for name in ("t-one", "t-two"):
             hvagent(cli_state, "destroy", name, "--purge")
-    assert not {"t-one", "t-two"} & domains()
+    assert not {"t-one", "t-two"} & set(domains())
 
 
 def test_overlay_is_backed_by_catalog_image_and_destroy_cleans_up(host: Host, tenant_key: KeyPair) -> None:
@@ -149,7 +150,7 @@ def test_bad_input_exits_2_and_changes_nothing(cli_state: Path, tenant_key: KeyP
         ({**good, "image": "nope-1.*"}, "no family nope-1"),
         ({**good, "name": "t_bad"}, "vms[0].name"),
     ]
-    before = (hvagent(cli_state, "ps", "--json").stdout, domains(), sorted(p.name for p in cli_state.rglob("*")))
+    before = (hvagent(cli_state, "ps", "--json").stdout, domains("t-bad"), sorted(p.name for p in cli_state.rglob("*")))
     for i, (vm, needle) in enumerate(cases):
         spec = write_spec(cli_state / f"bad{i}.yaml", [vm])
         r = hvagent(cli_state, "apply", str(spec))
@@ -167,7 +168,7 @@ def test_bad_input_exits_2_and_changes_nothing(cli_state: Path, tenant_key: KeyP
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = hvagent(cli_state, "destroy", "no-such-vm")
     assert r.returncode == 2 and "no such VM" in r.stderr
-    after = (hvagent(cli_state, "ps", "--json").stdout, domains(), sorted(p.name for p in cli_state.rglob("*")))
+    after = (hvagent(cli_state, "ps", "--json").stdout, domains("t-bad"), sorted(p.name for p in cli_state.rglob("*")))
     assert after == before
 
 
