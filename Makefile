@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON := $(abspath $(PY))
 export PYTHON
 
-.PHONY: all host venv images demo test test-unit test-integration lint clean
+.PHONY: all host venv images demo test test-unit test-integration lint bench clean
 
 all: test
 
@@ -33,8 +33,13 @@ test: venv images
 test-unit: venv
 	$(VENV)/bin/pytest tests/unit
 
+# Benchmarks: ratios against baselines measured in the same run; never part of `make test`.
+bench: venv images-tiny
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/run.py
+
 lint: venv
-	$(VENV)/bin/ruff check agent tests
+	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/mypy
 
 clean:

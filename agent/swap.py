@@ -93,6 +93,8 @@ class Swapper:
         for job in jobs:
             job.t_down = self._clock()
         self._shutdown_all([j.old.name for j in jobs])
+        for job in jobs:
+            self.state.event("swap.shutoff", f"off after {self._clock() - job.t_down:.1f}s", vm=job.old.name)
         # 2. new overlay, new instance-id, same identity; start
         started: list[_Job] = []
         outcomes: list[Outcome] = []
@@ -103,6 +105,7 @@ class Swapper:
                 self.prov.write_vm_seed(job.new, paths)
                 self.virt.define(self.prov.domain(job.new, manifest, accel))
                 self.virt.start(job.old.name)
+                self.state.event("swap.booting", f"started on {target.ref}", vm=job.old.name)
                 started.append(job)
             except HvError as e:
                 outcomes.append(self._rollback(job, target, f"could not start on {target.ref}: {e.message}"))

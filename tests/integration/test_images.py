@@ -12,13 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import paramiko
 import pytest
 import yaml
 
 from agent import health
 from agent.errors import HealthError
 from agent.host import Host
-from agent.seed import KeyPair
+from agent.provision import VmPaths
+from agent.seed import KeyPair, new_ed25519
 from agent.spec import parse_spec
 from tests.conftest import ROOT, image
 
@@ -73,6 +75,26 @@ def test_data_disk_blank_gets_filesystem_used_keeps_files(host: Host, tenant_key
     host.provisioner.wait("t-data")
     res = health.run(ep, tenant_key.private, "cat /data/f")
     assert res.stdout.strip() == "hello"
+
+
+def test_new_instance_id_reapplies_the_seed_and_same_one_keeps_config(host: Host, tenant_key: KeyPair) -> None:
+    boot(host, "tiny-2.0", tenant_key, "t-iid")
+    vm = host.provisioner.wait("t-iid")
+    ep = host.provisioner.endpoint(vm)
+    assert host.virt.shutdown("t-iid", timeout=30)
+    # Same disk, a seed with a new instance-id and another owner key: the guest applies it again.
+    other = new_ed25519("other@test")
+    spec = dict(vm.spec, ssh_keys=[other.public])
+    host.state.update_vm("t-iid", instance_id="t-iid-second", spec=spec)
+    row = host.provisioner.row("t-iid")
+    host.provisioner.write_vm_seed(row, VmPaths.of(host.cfg, "t-iid"))
+    host.virt.start("t-iid")
+    host.provisioner.wait("t-iid")
+    assert health.run(ep, other.private, "hostname").stdout.strip() == "t-iid"
+    with pytest.raises(paramiko.AuthenticationException):
+        health.run(ep, tenant_key.private, "true")
+    console = (host.cfg.vm_dir / "t-iid" / "console.log").read_text(errors="replace")
+    assert "instance-id=t-iid-second" in console
 
 
 def test_broken_variant_boots_without_ssh(host: Host, tenant_key: KeyPair) -> None:

@@ -198,3 +198,41 @@ def test_rollout_and_retire_bad_input(state_dir: Path, args: list[str], needle: 
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     after = (hvagent(state_dir, "images", "list", "--json").stdout, hvagent(state_dir, "events", "--json").stdout)
     assert after == before
+
+
+def test_pause_then_resume(state_dir: Path, tenant_key: KeyPair) -> None:
+    (state_dir / "config.yaml").write_text(f"state_dir: {state_dir}\nport_min: 22400\nport_max: 22499\n"
+                                           "health_timeout: 90\nmax_unavailable: '1'\n")
+    assert hvagent(state_dir, "images", "publish", str(image("tiny-1.0"))).returncode == 0
+    spec = state_dir / "spec.yaml"
+    names = ("t-pr-1", "t-pr-2")
+    spec.write_text(json.dumps({"vms": [{"name": n, "owner": "bob", "image": "tiny-1.*",
+                                         "ssh_keys": [tenant_key.public]} for n in names]}))
+    try:
+        assert hvagent(state_dir, "apply", str(spec)).returncode == 0
+        env = {**os.environ, "HVAGENT_CONFIG": str(state_dir / "config.yaml")}
+        publish = subprocess.Popen([str(Path(".venv/bin/hvagent").resolve()), "images", "publish",
+                                    str(image("tiny-1.1"))], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status = json.loads(hvagent(state_dir, "rollout", "status", "--json").stdout or "[]")
+            if status and any(v["state"] == "swapping" for v in status[0]["vms"]):
+                break
+            time.sleep(0.5)
+        else:
+            publish.kill()
+            pytest.fail("no VM started swapping")
+        assert hvagent(state_dir, "rollout", "pause").returncode == 0
+        out, err = publish.communicate(timeout=300)
+        assert publish.returncode == 0 and "paused" in out, out + err
+        [ro] = json.loads(hvagent(state_dir, "rollout", "status", "--json").stdout)
+        assert ro["state"] == "paused" and sorted(v["state"] for v in ro["vms"]) == ["done", "pending"]
+        r = hvagent(state_dir, "rollout", "resume", "tiny-1")
+        assert r.returncode == 0 and "done" in r.stdout, r.stdout + r.stderr
+        ps = json.loads(hvagent(state_dir, "ps", "--json").stdout)
+        assert [(v["version"], v["state"]) for v in ps] == [("1.1", "running"), ("1.1", "running")]
+        assert json.loads(hvagent(state_dir, "rollout", "status", "--json").stdout) == []
+    finally:
+        for n in names:
+            hvagent(state_dir, "destroy", n, "--purge")
