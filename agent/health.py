@@ -99,7 +99,7 @@ def check_once(ep: Endpoint, agent_key: str, expected_version_id: str, command: 
 
 
 def wait_healthy(ep: Endpoint, agent_key: str, expected_version_id: str, command: str | None, timeout: float,
-                 *, sleep: Callable[[float], None] = time.sleep, interval: float = 1.0) -> Check:
+                 *, sleep: Callable[[float], None] = time.sleep, interval: float = 0.5) -> Check:
     """Probe until healthy or ``timeout`` seconds pass; raise HealthError with the last reason.
 
     A guest that presents another host key fails at once: that never fixes itself.

@@ -88,28 +88,34 @@ class Swapper:
             self.state.event("swap.start", f"{old.image}-{old.version} -> {target.ref}", vm=name)
             jobs.append(_Job(old, new, intent))
 
-        # 1. graceful shutdown of the whole batch (ACPI, then force after the timeout)
-        say(f"shutting down {', '.join(names)}")
-        for job in jobs:
-            job.t_down = self._clock()
-        self._shutdown_all([j.old.name for j in jobs])
-        for job in jobs:
-            self.state.event("swap.shutoff", f"off after {self._clock() - job.t_down:.1f}s", vm=job.old.name)
-        # 2. new overlay, new instance-id, same identity; start
-        started: list[_Job] = []
+        # 1. while the old OS still serves: the new overlay and a seed with the new instance-id
         outcomes: list[Outcome] = []
+        prepared: list[_Job] = []
         for job in jobs:
-            paths = VmPaths.of(self.cfg, job.old.name)
             try:
-                make_overlay(base, paths.os_disk(target.version))
-                self.prov.write_vm_seed(job.new, paths)
+                make_overlay(base, VmPaths.of(self.cfg, job.old.name).os_disk(target.version))
+                self.prov.write_vm_seed(job.new, VmPaths.of(self.cfg, job.old.name))
+                prepared.append(job)
+            except HvError as e:
+                outcomes.append(self._rollback(job, target, f"could not prepare {target.ref}: {e.message}"))
+        # 2. graceful shutdown of the whole batch (ACPI, then force after the timeout)
+        say(f"shutting down {', '.join(j.old.name for j in prepared)}")
+        for job in prepared:
+            job.t_down = self._clock()
+        self._shutdown_all([j.old.name for j in prepared])
+        for job in prepared:
+            self.state.event("swap.shutoff", f"off after {self._clock() - job.t_down:.1f}s", vm=job.old.name)
+        # 3. the same identity on the new disk; start
+        started: list[_Job] = []
+        for job in prepared:
+            try:
                 self.virt.define(self.prov.domain(job.new, manifest, accel))
                 self.virt.start(job.old.name)
                 self.state.event("swap.booting", f"started on {target.ref}", vm=job.old.name)
                 started.append(job)
             except HvError as e:
                 outcomes.append(self._rollback(job, target, f"could not start on {target.ref}: {e.message}"))
-        # 3. health of every started VM, in parallel
+        # 4. health of every started VM, in parallel
         say(f"booting {', '.join(j.old.name for j in started)} on {target.ref}, waiting for health")
         checks = self._health_all(started, manifest.expected_version_id)
         for job, error in zip(started, checks, strict=True):
