@@ -251,7 +251,8 @@ def bench_disks(pairs: int) -> Result:
 
 def bench_rollout(vms: int, max_unavailable: int, singles: int, bare: list[float]) \
         -> tuple[Result, Result, dict[str, Any]]:
-    host = new_host("rollout", max_unavailable=str(max_unavailable), rollout_policy="manual")
+    host = new_host("rollout", max_unavailable=str(max_unavailable), rollout_policy="manual",
+                    capacity_vcpus=4 * (vms + 1))
     try:
         host.catalog.publish(IMAGES / "tiny-1.0.qcow2")
         key = host.provisioner.agent_key.public
