@@ -11,17 +11,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from agent import config as config_mod
-from agent.errors import HealthError, HvError
+from agent.client import Client
+from agent.errors import HealthError, HvError, InputError, NotFound
 from agent.health import run as ssh_run
 from agent.host import Host
 from agent.rollout import Policy, RetirePolicy, parse_duration, parse_family, parse_max_unavailable
@@ -45,6 +46,8 @@ class Ctx:
     state_dir: Path | None = None
     debug: bool = False
     _host: Host | None = None
+    _client: Client | None = None
+    _probed: bool = False
 
     def cfg(self) -> config_mod.Config:
         return config_mod.load(self.config, state_dir=self.state_dir)
@@ -53,6 +56,13 @@ class Ctx:
         if self._host is None:
             self._host = Host(self.cfg())
         return self._host
+
+    def client(self) -> Client | None:
+        """The running daemon, if one answers on this host's socket; mutations then go through it."""
+        if not self._probed:
+            self._client = Client.detect(self.cfg())
+            self._probed = True
+        return self._client
 
 
 CTX = Ctx()
@@ -103,6 +113,19 @@ def images_publish(
     policy: Annotated[Policy | None, typer.Option(help="rollout policy for this publish; default from config")] = None,
 ) -> None:
     """Check a qcow2 image (hostile until proven otherwise), add it to the catalog, roll it out."""
+    if (c := CTX.client()) is not None:
+        man = manifest or file.with_suffix(".yaml")
+        for f in (file, man):
+            if not f.is_file():
+                raise InputError(f"{f}: no such file")
+        with file.open("rb") as img, man.open("rb") as mf:
+            r = c.request("POST", "/v1/images", files={"image": (file.name, img), "manifest": (man.name, mf)},
+                          data={"policy": policy.value} if policy else None)
+        out.print(f"published {r['image']['name']}-{r['image']['version']} through the daemon "
+                  f"(sha256 {r['image']['sha256'][:16]}…)")
+        if r["rollout"] is not None:
+            _follow_rollout(c, int(r["rollout"]))
+        return
     with mutating() as host:
         with Progress(TextColumn("publish"), BarColumn(), DownloadColumn(), TimeElapsedColumn(), console=err,
                       transient=True, disable=not err.is_terminal) as bar:
@@ -124,6 +147,10 @@ def images_retire(
 ) -> None:
     """No new VM may pin REF; VMs pinned to it are warned, then moved within their family."""
     seconds = parse_duration(grace)
+    if (c := CTX.client()) is not None:
+        r = c.request("POST", f"/v1/images/{ref}/retire", json={"grace": grace, "policy": policy.value})
+        out.print(f"retired {ref}: grace until {_ts(r['grace_until'])}, policy {r['policy']}")
+        return
     with mutating() as host:
         r = host.rollouts.retire(ref, seconds, policy, _say)
     out.print(f"retired {ref}: grace until {_ts(r.grace_until)}, policy {r.policy}")
@@ -132,8 +159,11 @@ def images_retire(
 @images_app.command("gc")
 def images_gc(keep: Annotated[int | None, typer.Option(min=1, help="newest versions kept per family")] = None) -> None:
     """Remove base images no VM uses that are not among the newest of their family."""
-    with mutating() as host:
-        removed = host.rollouts.gc(keep)
+    if (c := CTX.client()) is not None:
+        removed = c.request("POST", "/v1/images/gc", json={"keep": keep})["removed"]
+    else:
+        with mutating() as host:
+            removed = host.rollouts.gc(keep)
     out.print(f"removed {', '.join(removed)}" if removed else "nothing to remove")
 
 
@@ -154,8 +184,26 @@ def images_list(as_json: Annotated[bool, typer.Option("--json", help="machine-re
     out.print(table)
 
 
-def _describe(bar: Progress, task: TaskID, message: str) -> None:
-    bar.update(task, description=message)
+def _follow_rollout(c: Client, rid: int) -> None:
+    """Show a daemon-run rollout until it ends; a halt is an error, as when run here."""
+    def step(s: dict[str, Any]) -> None:
+        _say(f"{s['vm']}: " + (f"on the target, downtime {s['downtime']:.1f}s" if s["state"] == "done"
+                                else f"{s['state']}: {s['reason'] or ''}"))
+
+    _say(f"rollout {rid} runs in the daemon; following it (Ctrl-C stops following, not the rollout)")
+    ro = c.wait_rollout(rid, step)
+    if ro["state"] == "halted":
+        raise HealthError(f"rollout {rid} of {ro['family']}.* -> {ro['target']} halted: {ro['reason']}")
+    _say(f"rollout {rid} of {ro['family']}.* -> {ro['target']}: {ro['state']}")
+
+
+def _active_family(c: Client, family: str | None) -> str:
+    if family is not None:
+        return family
+    active = c.request("GET", "/v1/rollouts")
+    if not active:
+        raise NotFound("rollout: none in progress")
+    return str(active[0]["family"])
 
 
 # VMs ---------------------------------------------------------------------------------------
@@ -166,39 +214,35 @@ def apply(
 ) -> None:
     """Converge this host to SPEC: create the VMs it lacks and wait until they are healthy."""
     spec = load_spec(spec_file)
-    with mutating() as host:
-        created: list[str] = []
-        for vm in spec.vms:
-            existing = host.state.vm(vm.name)
-            if existing is not None:
-                if existing.owner != vm.owner:
-                    raise HvError(f"{spec_file}: vms: {vm.name}: owned by another owner")
-                if existing.spec_hash != vm.digest():
-                    err.print(f"[yellow]{vm.name}: spec changed; changes to an existing VM are not applied "
-                              "yet (destroy it and apply again)[/]")
-                continue
-            # Resolve every track before creating anything, so a bad track changes nothing.
-            host.catalog.resolve_for_new_vm(vm.track, vm.name)
-        host.provisioner.check_capacity([vm for vm in spec.vms if host.state.vm(vm.name) is None])
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                      disable=not err.is_terminal) as bar:
-            for vm in spec.vms:
-                if host.state.vm(vm.name) is not None:
-                    continue
-                task = bar.add_task(f"{vm.name}: provisioning", total=None)
-                host.provisioner.create(vm, say=partial(_describe, bar, task))
-                bar.update(task, description=f"{vm.name}: booting")
-                created.append(vm.name)
-            failures: list[str] = []
-            if wait:
-                for name in created:
-                    task = bar.add_task(f"{name}: waiting for health", total=None)
-                    try:
-                        host.provisioner.wait(name)
-                        bar.update(task, description=f"{name}: healthy", completed=1, total=1)
-                    except HealthError as e:
-                        failures.append(f"{name}: {e.message}")
-                        bar.update(task, description=f"{name}: failed", completed=1, total=1)
+    failures: list[str] = []
+    if (c := CTX.client()) is not None:
+        r = c.request("POST", "/v1/apply", json=spec.model_dump(mode="json"), params={"source": str(spec_file)})
+        created = list(r["created"])
+        for note in r["notes"]:
+            err.print(f"[yellow]{note}[/]")
+        for name in created if wait else []:
+            vm = c.wait_vm(name, max(v.health.timeout for v in spec.vms) + 60)
+            if vm["state"] != "running":
+                failures.append(f"{name}: {vm['reason'] or vm['state']}")
+    else:
+        with mutating() as host, Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                          console=err, disable=not err.is_terminal) as bar:
+            tasks: dict[str, TaskID] = {}
+
+            def say(name: str, message: str) -> None:
+                if name not in tasks:
+                    tasks[name] = bar.add_task(f"{name}: provisioning", total=None)
+                bar.update(tasks[name], description=f"{name}: {message}")
+
+            created = host.apply(spec, str(spec_file), say, notes=lambda m: err.print(f"[yellow]{m}[/]"))
+            for name in created if wait else []:
+                say(name, "waiting for health")
+                try:
+                    host.provisioner.wait(name)
+                    say(name, "healthy")
+                except HealthError as e:
+                    failures.append(f"{name}: {e.message}")
+                    say(name, "failed")
     if not created:
         out.print("nothing to do: the host already matches the spec")
     else:
@@ -258,8 +302,11 @@ def destroy(
     purge: Annotated[bool, typer.Option("--purge", help="also delete the data disk")] = False,
 ) -> None:
     """Remove a VM's domain, overlay and seed; its data disk is kept unless --purge."""
-    with mutating() as host:
-        host.provisioner.destroy(name, purge=purge)
+    if (c := CTX.client()) is not None:
+        c.request("DELETE", f"/v1/vms/{name}", params={"purge": purge})
+    else:
+        with mutating() as host:
+            host.provisioner.destroy(name, purge=purge)
     out.print(f"destroyed {name}" + (" (data disk purged)" if purge else " (data disk kept)"))
 
 
@@ -291,6 +338,13 @@ def rollout_start(
     name, major = parse_family(family)
     if max_unavailable is not None:
         parse_max_unavailable(max_unavailable, "--max-unavailable")
+    if (c := CTX.client()) is not None:
+        r = c.request("POST", "/v1/rollouts", json={"family": family, "max_unavailable": max_unavailable})
+        if r["rollout"] is None:
+            out.print(f"nothing to do: every VM on {name}-{major}.* runs its newest version")
+            return
+        _follow_rollout(c, int(r["rollout"]["id"]))
+        return
     with mutating() as host:
         ro = host.rollouts.start(name, major, max_unavailable)
         if ro is None:
@@ -302,7 +356,11 @@ def rollout_start(
 @rollout_app.command("resume")
 def rollout_resume(family: Annotated[str | None, typer.Argument(help="family; default: the paused one")] = None) \
         -> None:
-    """Continue a paused rollout (in this process)."""
+    """Continue a paused rollout (in the daemon if one runs, else in this process)."""
+    if (c := CTX.client()) is not None:
+        ro = c.request("POST", f"/v1/rollouts/{_active_family(c, family)}/resume")["rollout"]
+        _follow_rollout(c, int(ro["id"]))
+        return
     with mutating() as host:
         ro = host.rollouts.resume(family)
         _run_rollout(host, ro.id)
@@ -312,6 +370,10 @@ def rollout_resume(family: Annotated[str | None, typer.Argument(help="family; de
 def rollout_pause(family: Annotated[str | None, typer.Argument(help="family; default: the active one")] = None) \
         -> None:
     """Stop a rollout after its current batch; `rollout resume` continues it."""
+    if (c := CTX.client()) is not None:
+        r = c.request("POST", f"/v1/rollouts/{_active_family(c, family)}/pause")["rollout"]
+        out.print(f"rollout {r['id']} ({r['family']}.* -> {r['target']}) pauses after its current batch")
+        return
     ro = CTX.host().rollouts.pause(family)  # no host lock: the running rollout holds it
     out.print(f"rollout {ro.id} ({ro.family_ref}.* -> {ro.target}) pauses after its current batch")
 
@@ -320,6 +382,10 @@ def rollout_pause(family: Annotated[str | None, typer.Argument(help="family; def
 def rollout_abort(family: Annotated[str | None, typer.Argument(help="family; default: the active one")] = None) \
         -> None:
     """End a rollout: the current batch finishes (swap or rollback), no other VM moves."""
+    if (c := CTX.client()) is not None:
+        r = c.request("POST", f"/v1/rollouts/{_active_family(c, family)}/abort")["rollout"]
+        out.print(f"rollout {r['id']} ({r['family']}.* -> {r['target']}) aborted; its current batch finishes")
+        return
     ro = CTX.host().rollouts.abort(family)
     out.print(f"rollout {ro.id} ({ro.family_ref}.* -> {ro.target}) aborted; its current batch finishes")
 
@@ -363,6 +429,41 @@ def rollout_status(
             live.update(_rollout_view(host, False)[1])
             if not host.state.rollouts(active_only=True):
                 break
+
+
+@app.command()
+def serve() -> None:
+    """Run the daemon: API, reconcile loop, lifecycle events, rollouts, publish inbox (systemd: Type=notify)."""
+    from agent.daemon import Daemon
+
+    cfg = CTX.cfg()
+    raise typer.Exit(Daemon(cfg).serve())
+
+
+token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("new")
+def token_new(
+    name: Annotated[str, typer.Argument(help="principal: an operator, a pipeline or a tenant (owner name)")],
+    role: Annotated[config_mod.Role, typer.Option(help="admin or tenant")] = config_mod.Role.TENANT,
+) -> None:
+    """Print a new random token (give it to its holder) and the configuration entry (only its hash)."""
+    import secrets
+
+    from agent.daemon import token_hash
+
+    try:
+        config_mod.Token(name=name, role=role, sha256="0" * 64)
+    except ValidationError as e:
+        raise InputError(f"name: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from e
+    token = secrets.token_urlsafe(32)
+    err.print("token (shown once; hvagent keeps only its sha256):", markup=False)
+    sys.stdout.write(f"{token}\n")
+    err.print("configuration entry, under api.tokens:", markup=False)
+    err.print(f"  - {{name: {name}, role: {role.value}, sha256: {token_hash(token)}}}", markup=False,
+              highlight=False)
 
 
 @app.command()

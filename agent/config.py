@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import InputError
 
@@ -20,6 +22,49 @@ class Accel(StrEnum):
     AUTO = "auto"
     KVM = "kvm"
     QEMU = "qemu"
+
+
+class Role(StrEnum):
+    ADMIN = "admin"    # operators and image pipelines: images, rollouts, host facts, every VM
+    TENANT = "tenant"  # its own VMs, within its quota
+
+
+class Quota(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vms: int = Field(4, ge=0, description="VMs the tenant may have")
+    cpus: int = Field(8, ge=0, description="vCPUs over all its VMs")
+    memory: int = Field(4096, ge=0, description="MiB of memory over all its VMs")
+
+
+class Token(BaseModel):
+    """An API bearer token, stored only as its sha256 (``hvagent token new`` prints both)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="the principal; a tenant's name is the owner of its VMs")
+    role: Role
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the token")
+    expires: datetime | None = Field(None, description="UTC time after which the token is refused")
+    quota: Quota = Quota()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", v):
+            raise ValueError("accepted: 1-63 of [a-z0-9-]")
+        return v
+
+
+class Api(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    socket: Path = Field(Path("/run/hvagent/api.sock"), description="Unix socket of the API, mode 0660")
+    socket_group: str | None = Field(None, description="group owning the socket (e.g. hvagent)")
+    tcp: str | None = Field(None, pattern=r"^(?:127(?:\.[0-9]{1,3}){3}|\[::1\]|localhost):[0-9]{1,5}$",
+                            description="also listen on TCP, e.g. 127.0.0.1:8470 (loopback only)")
+    tokens: tuple[Token, ...] = ()
+    max_body: int = Field(1 << 20, gt=0, description="largest JSON request body, bytes")
 
 
 class Config(BaseModel):
@@ -46,6 +91,10 @@ class Config(BaseModel):
                                  description="VMs swapped at once in a rollout: a count or a percentage")
     keep_images: int = Field(2, ge=1, description="newest versions of each family kept by garbage collection")
     ssh_key: Path | None = Field(None, description="hvagent's own SSH key; default STATE_DIR/id_ed25519")
+    api: Api = Api()
+    inbox_dir: Path | None = Field(None, description="publish hook: the daemon publishes FILE.qcow2 + FILE.yaml "
+                                   "moved here; default STATE_DIR/inbox")
+    reconcile_interval: float = Field(10.0, gt=0, le=3600, description="seconds between reconcile passes")
 
     @property
     def store(self) -> Path:
@@ -58,6 +107,15 @@ class Config(BaseModel):
     @property
     def db_path(self) -> Path:
         return self.state_dir / "state.db"
+
+    @property
+    def inbox(self) -> Path:
+        return self.inbox_dir or self.state_dir / "inbox"
+
+    @property
+    def local_token(self) -> Path:
+        """Written by the daemon at start (0600): the local CLI's admin token."""
+        return self.state_dir / "api.token"
 
     @property
     def agent_key(self) -> Path:

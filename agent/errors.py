@@ -50,3 +50,15 @@ class HealthError(HvError):
 
     exit_code = 1
     http_status = 500
+
+
+class Unauthorized(HvError):
+    """A missing, unknown or expired API token. HTTP 401."""
+
+    http_status = 401
+
+
+class Forbidden(HvError):
+    """The principal may not do this (an admin-only call, a quota). Exit 2, HTTP 403."""
+
+    http_status = 403

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.catalog import Catalog
 from agent.config import Accel, Config
 from agent.domxml import DomainType
-from agent.errors import EnvError
+from agent.errors import Conflict, EnvError
 from agent.provision import Provisioner
 from agent.rollout import Rollouts
+from agent.spec import Spec, VmSpec
 from agent.state import State
 from agent.swap import Swapper
 from agent.virt import Virt
@@ -36,6 +39,29 @@ class Host:
         self.swapper = Swapper(cfg, self.state, self.catalog, self.virt, self.provisioner, self.accelerator)
         self.rollouts = Rollouts(cfg, self.state, self.catalog, self.swapper)
         self._accel: DomainType | None = None
+
+    def apply(self, spec: Spec, source: str, say: Callable[[str, str], None] = lambda _n, _m: None,
+              notes: Callable[[str], None] = lambda _: None) -> list[str]:
+        """Create the VMs of SPEC this host lacks (not waiting for health); their names.
+
+        Every new VM's track and the host's capacity are checked before anything is created, so a
+        bad spec changes nothing. Call with the host lock held.
+        """
+        new: list[VmSpec] = []
+        for vm in spec.vms:
+            existing = self.state.vm(vm.name)
+            if existing is None:
+                self.catalog.resolve_for_new_vm(vm.track, vm.name)
+                new.append(vm)
+            elif existing.owner != vm.owner:
+                raise Conflict(f"{source}: vms: {vm.name}: owned by another owner")
+            elif existing.spec_hash != vm.digest():
+                notes(f"{vm.name}: spec changed; changes to an existing VM are not applied yet "
+                      "(destroy it and apply again)")
+        self.provisioner.check_capacity(new)
+        for vm in new:
+            self.provisioner.create(vm, say=functools.partial(say, vm.name))
+        return [vm.name for vm in new]
 
     def recover(self) -> None:
         self.catalog.recover()

@@ -134,6 +134,8 @@ class Provisioner:
             wait_healthy(self.endpoint(row), self.agent_key.private, manifest.expected_version_id,
                          spec.health.command, spec.health.timeout)
         except HealthError as e:
+            if self.state.vm(name) is None:
+                raise NotFound(f"vm {name}: destroyed while waiting for its health") from e
             self.state.update_vm(name, state=VmState.FAILED, reason=e.message)
             self.state.event("vm.failed", e.message, vm=name)
             raise

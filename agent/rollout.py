@@ -137,49 +137,61 @@ class Rollouts:
     # -- running -----------------------------------------------------------------------------
     def run(self, rid: int, say: Say = lambda _: None) -> RolloutRow:
         """Swap batch after batch until done, halted, paused or aborted."""
-        while True:
-            ro = self.state.rollout(rid)
-            assert ro is not None
-            if ro.state is not RolloutState.RUNNING:
-                say(f"rollout {rid}: {ro.state}")
-                return ro
-            pending = [s for s in self.state.steps(rid) if s.state is StepState.PENDING]
-            if not pending:
-                self.state.set_rollout(rid, RolloutState.DONE)
-                self.state.event("rollout.done", f"{ro.family_ref}.* -> {ro.target}: every VM swapped")
-                self.gc()
-                return self.state.rollout(rid) or ro
-            batch = min(s.batch for s in pending)
-            names = []
-            target = self.state.image(ro.name, ro.target)
-            if target is None or target.state is not ImageState.ACTIVE:
-                self.state.set_rollout(rid, RolloutState.HALTED, f"{ro.name}-{ro.target} is no longer active")
+        while self.step(rid, say):
+            pass
+        ro = self.state.rollout(rid)
+        assert ro is not None
+        return ro
+
+    def step(self, rid: int, say: Say = lambda _: None) -> bool:
+        """Swap the rollout's next batch; False once it is no longer running (done, halted, paused...).
+
+        The daemon runs one step per hold of the host lock, so API calls interleave between batches.
+        """
+        ro = self.state.rollout(rid)
+        assert ro is not None
+        if ro.state is not RolloutState.RUNNING:
+            say(f"rollout {rid}: {ro.state}")
+            return False
+        pending = [s for s in self.state.steps(rid) if s.state is StepState.PENDING]
+        if not pending:
+            self.state.set_rollout(rid, RolloutState.DONE)
+            self.state.event("rollout.done", f"{ro.family_ref}.* -> {ro.target}: every VM swapped")
+            self.gc()
+            say(f"rollout {rid}: done")
+            return False
+        batch = min(s.batch for s in pending)
+        target = self.state.image(ro.name, ro.target)
+        if target is None or target.state is not ImageState.ACTIVE:
+            self.state.set_rollout(rid, RolloutState.HALTED, f"{ro.name}-{ro.target} is no longer active")
+            return True
+        names = []
+        for s in (s for s in pending if s.batch == batch):
+            vm = self.state.vm(s.vm)
+            if vm is None or vm.track != str(Track(ro.name, ro.family, None)) or \
+                    Version.parse(vm.version) >= Version.parse(ro.target):
+                self.state.set_step(rid, s.vm, StepState.SKIPPED, reason="no longer on the track or newer")
                 continue
-            for s in (s for s in pending if s.batch == batch):
-                vm = self.state.vm(s.vm)
-                if vm is None or vm.track != str(Track(ro.name, ro.family, None)) or \
-                        Version.parse(vm.version) >= Version.parse(ro.target):
-                    self.state.set_step(rid, s.vm, StepState.SKIPPED, reason="no longer on the track or newer")
-                    continue
-                self.state.set_step(rid, s.vm, StepState.SWAPPING, started_at=self.clock())
-                names.append(s.vm)
-            if not names:
-                continue
-            t0 = self.clock()
-            say(f"rollout {rid}, batch {batch + 1}: {', '.join(names)} -> {ro.target}")
-            outcomes = self.swapper.swap_batch(names, target, say)
-            failed = [o for o in outcomes if not o.ok]
-            for o in outcomes:
-                self.state.set_step(rid, o.vm, StepState.DONE if o.ok else StepState.ROLLED_BACK,
-                                    reason=o.reason or None, finished_at=self.clock(), downtime=o.downtime)
-                say(f"{o.vm}: " + (f"on {o.to_version}, downtime {o.downtime:.1f}s" if o.ok
-                                   else f"rolled back to {o.from_version}: {o.reason}"))
-            self.state.event("rollout.batch", f"rollout {rid} batch {batch + 1}: {len(outcomes) - len(failed)} "
-                             f"swapped, {len(failed)} rolled back", duration=self.clock() - t0)
-            if failed:
-                reason = f"{failed[0].vm}: {failed[0].reason}"
-                self.state.set_rollout(rid, RolloutState.HALTED, reason)
-                self.state.event("rollout.halted", f"{ro.family_ref}.* -> {ro.target} halted: {reason}")
+            self.state.set_step(rid, s.vm, StepState.SWAPPING, started_at=self.clock())
+            names.append(s.vm)
+        if not names:
+            return True
+        t0 = self.clock()
+        say(f"rollout {rid}, batch {batch + 1}: {', '.join(names)} -> {ro.target}")
+        outcomes = self.swapper.swap_batch(names, target, say)
+        failed = [o for o in outcomes if not o.ok]
+        for o in outcomes:
+            self.state.set_step(rid, o.vm, StepState.DONE if o.ok else StepState.ROLLED_BACK,
+                                reason=o.reason or None, finished_at=self.clock(), downtime=o.downtime)
+            say(f"{o.vm}: " + (f"on {o.to_version}, downtime {o.downtime:.1f}s" if o.ok
+                               else f"rolled back to {o.from_version}: {o.reason}"))
+        self.state.event("rollout.batch", f"rollout {rid} batch {batch + 1}: {len(outcomes) - len(failed)} "
+                         f"swapped, {len(failed)} rolled back", duration=self.clock() - t0)
+        if failed:
+            reason = f"{failed[0].vm}: {failed[0].reason}"
+            self.state.set_rollout(rid, RolloutState.HALTED, reason)
+            self.state.event("rollout.halted", f"{ro.family_ref}.* -> {ro.target} halted: {reason}")
+        return True
 
     def _find(self, family: str | None) -> RolloutRow:
         if family is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import Conflict, EnvError
+
+# Every state change is an event; the daemon logs each as one logfmt line (the journal's view).
+event_log = logging.getLogger("hvagent.event")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -197,7 +201,7 @@ class State:
         self.clock = clock
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+            self.db = sqlite3.connect(db_path, timeout=30, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
@@ -302,12 +306,26 @@ class State:
     def event(self, kind: str, message: str, vm: str | None = None, duration: float | None = None) -> None:
         self.db.execute("INSERT INTO events (ts, vm, kind, message, duration) VALUES (?,?,?,?,?)",
                         (self.clock(), vm, kind, message, duration))
+        if event_log.isEnabledFor(logging.INFO):
+            fields = {"event": kind, "vm": vm, "duration": f"{duration:.2f}" if duration is not None else None,
+                      "msg": message}
+            event_log.info(logfmt(fields))
 
     def events(self, vm: str | None = None, limit: int = 1000) -> list[Event]:
         q = "SELECT * FROM events" + (" WHERE vm=?" if vm else "") + " ORDER BY id DESC LIMIT ?"
         args: tuple[Any, ...] = (vm, limit) if vm else (limit,)
         rows = self.db.execute(q, args).fetchall()
         return [Event(r["id"], r["ts"], r["vm"], r["kind"], r["message"], r["duration"]) for r in reversed(rows)]
+
+    def event_counts(self, kinds: tuple[str, ...]) -> dict[str, int]:
+        marks = ",".join("?" * len(kinds))
+        rows = self.db.execute(f"SELECT kind, COUNT(*) FROM events WHERE kind IN ({marks}) GROUP BY kind", kinds)
+        found = dict(rows.fetchall())
+        return {k: int(found.get(k, 0)) for k in kinds}
+
+    def event_durations(self, kind: str) -> list[float]:
+        rows = self.db.execute("SELECT duration FROM events WHERE kind=? AND duration IS NOT NULL", (kind,))
+        return [float(r[0]) for r in rows]
 
     # retirements
     def retire(self, r: Retirement) -> None:
@@ -377,6 +395,13 @@ class State:
     def pending(self) -> list[Intent]:
         rows = self.db.execute("SELECT * FROM journal ORDER BY id").fetchall()
         return [Intent(r["id"], r["op"], r["target"], json.loads(r["intent"]), r["started_at"]) for r in rows]
+
+
+def logfmt(fields: dict[str, str | None]) -> str:
+    """``key=value key="value with spaces"``: one line, quoted only where needed."""
+    def value(v: str) -> str:
+        return json.dumps(v) if not v or any(c in v for c in ' ="\n') else v
+    return " ".join(f"{k}={value(v)}" for k, v in fields.items() if v is not None)
 
 
 @contextlib.contextmanager

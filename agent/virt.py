@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,6 +63,28 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: DomState.CRASHED,
     libvirt.VIR_DOMAIN_PMSUSPENDED: DomState.PMSUSPENDED,
 }
+
+# Why a domain is shut off (state.reason of a shutoff domain).
+_REASONS = {
+    libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN: "unknown",
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",    # the guest powered off
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",  # someone pulled the plug (virsh destroy)
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed",      # QEMU died
+    libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_SHUTOFF_SAVED: "saved",
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed",        # QEMU did not start
+    libvirt.VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT: "snapshot",
+    libvirt.VIR_DOMAIN_SHUTOFF_DAEMON: "daemon",
+}
+FAILURE_REASONS = frozenset({"crashed", "failed", "daemon"})
+
+
+@dataclass(frozen=True)
+class DomStatus:
+    uuid: str
+    state: DomState
+    reason: str  # for a shutoff domain, one of _REASONS' values; else ""
+
 
 _quieted = False
 
@@ -355,6 +379,35 @@ class Virt:
 
         return self._call("list domains", run)
 
+    def statuses(self) -> dict[str, DomStatus]:
+        """Every domain's UUID, state and reason, by name, from one getAllDomainStats call.
+
+        name() and UUIDString() are local to the returned objects, so a reconcile pass over N
+        domains costs one libvirt call, not N. The caller matches UUIDs to tell its own domains.
+        """
+
+        def run(conn: Any) -> dict[str, DomStatus]:
+            found: dict[str, DomStatus] = {}
+            for dom, stats in conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0):
+                found[str(dom.name())] = DomStatus(
+                    str(dom.UUIDString()), _STATES.get(stats.get("state.state", -1), DomState.NOSTATE),
+                    _REASONS.get(int(stats.get("state.reason", 0)), "unknown")
+                    if stats.get("state.state") == libvirt.VIR_DOMAIN_SHUTOFF else "")
+            return found
+
+        return self._call("list domains", run)
+
+    def reboot(self, name: str) -> None:
+        """Ask the guest to reboot (ACPI); a guest that is not running is refused."""
+
+        def run(conn: Any) -> None:
+            dom = self._managed_dom(conn, name)
+            if not dom.isActive():
+                raise Conflict(f"vm {name}: is not running")
+            dom.reboot(0)
+
+        self._call(f"reboot {name}", run)
+
     def guest_address(self, name: str) -> str | None:
         """The first IPv4 address of a managed domain's NIC, from the libvirt network's DHCP leases."""
 
@@ -489,3 +542,89 @@ class Virt:
         except libvirt.libvirtError as e:
             if _code(e) not in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
                 raise
+
+
+# -- lifecycle events ----------------------------------------------------------------------------
+
+_STOPPED_DETAILS = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: "snapshot",
+}
+_event_loop_started = False
+
+
+def start_event_loop() -> None:
+    """libvirt's default event loop in a daemon thread. Call before any connection is opened."""
+    global _event_loop_started
+    if _event_loop_started:
+        return
+    libvirt.virEventRegisterDefaultImpl()
+
+    def loop() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
+    _event_loop_started = True
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    name: str
+    uuid: str
+    kind: str    # started | stopped | crashed | other
+    detail: str  # for stopped: shutdown | destroyed | crashed | failed | ...
+
+
+class LifecycleWatch:
+    """Domain lifecycle events on a connection of their own; ``ensure`` reconnects after libvirtd returns."""
+
+    def __init__(self, uri: str, on_event: Callable[[LifecycleEvent], None]) -> None:
+        self.uri = uri
+        self._on_event = on_event
+        self._conn: Any = None
+        self._lost = threading.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._lost.is_set()
+
+    def ensure(self) -> bool:
+        """Connect and register if not connected; True when events are flowing."""
+        if self.connected:
+            return True
+        self.close()
+        try:
+            _quiet_libvirt()
+            conn = libvirt.openReadOnly(self.uri)
+            conn.registerCloseCallback(lambda *_: self._lost.set(), None)
+            conn.setKeepAlive(5, 3)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._callback, None)
+        except libvirt.libvirtError as e:
+            log.warning("libvirt events at %s: %s; retrying on the next pass", self.uri, _message(e))
+            return False
+        self._lost.clear()
+        self._conn = conn
+        return True
+
+    def _callback(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            kind, what = "stopped", _STOPPED_DETAILS.get(detail, "unknown")
+        elif event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
+            kind, what = "crashed", "guest"
+        elif event == libvirt.VIR_DOMAIN_EVENT_STARTED:
+            kind, what = "started", ""
+        else:
+            return
+        self._on_event(LifecycleEvent(str(dom.name()), str(dom.UUIDString()), kind, what))
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()

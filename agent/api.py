@@ -1,0 +1,450 @@
+"""The HTTP API (FastAPI): admins drive images, rollouts and every VM; tenants only their own VMs.
+
+Every error is ``{"error": "one line"}`` with a 4xx (5xx only when the host itself is at fault).
+A tenant asking for another tenant's VM gets the same 404 as for a VM that does not exist, so
+names do not leak. No request carries a host path, XML, a device, a QEMU argument or a libvirt
+URI: a VM request is the VM spec without its owner (the token says who) and, for tenants,
+without a network choice (tenants get user networking with one forwarded port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+from starlette.exceptions import HTTPException
+
+from agent import __version__
+from agent.daemon import Daemon, Principal
+from agent.errors import Conflict, Forbidden, HvError, InputError, NotFound, Unauthorized
+from agent.metrics import StateCollector
+from agent.provision import VmPaths
+from agent.rollout import Policy, RetirePolicy, parse_duration, parse_family, parse_max_unavailable
+from agent.spec import NetMode, Spec, VmSpec, check_name
+from agent.state import RolloutRow, VmRow, VmState
+
+if TYPE_CHECKING:
+    from agent.host import Host
+
+log = logging.getLogger("hvagent.api")
+
+NAME = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+REF = r"^[a-z][a-z0-9-]{0,62}-[0-9]{1,6}\.[0-9]{1,6}$"
+FAMILY = r"^[a-z][a-z0-9-]{0,62}-[0-9]{1,6}(?:\.\*)?$"
+CONSOLE_MAX = 1 << 20
+
+
+# -- request bodies ----------------------------------------------------------------------------
+class VmRequest(VmSpec):
+    """A VM to create: the spec without its owner (the token says who; admins may name one)."""
+
+    owner: StrictStr | None = Field(None, description="admins only: the tenant that owns the VM")  # type: ignore[assignment]
+
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, v: str | None) -> str | None:  # type: ignore[override]
+        return None if v is None else check_name(v, "owner")
+
+
+class RetireRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grace: StrictStr = Field("14d", max_length=16, description="0, 30m, 12h, 14d")
+    policy: RetirePolicy = RetirePolicy.MOVE
+
+
+class GcRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keep: int | None = Field(None, ge=1, le=1000)
+
+
+class RolloutRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    family: StrictStr = Field(pattern=FAMILY, description="tiny-1 or tiny-1.*")
+    max_unavailable: StrictStr | None = Field(None, max_length=8, description="a count (3) or a percentage (25%)")
+
+
+# -- views -------------------------------------------------------------------------------------
+def vm_view(row: VmRow, admin: bool) -> dict[str, Any]:
+    spec = VmSpec.model_validate(row.spec)
+    view: dict[str, Any] = {
+        "name": row.name, "owner": row.owner, "track": row.track, "image": row.image, "version": row.version,
+        "state": row.state.value, "reason": row.reason, "cpus": spec.cpus, "memory": spec.memory,
+        "data_disk": spec.data_disk, "restart": spec.restart.value,
+        "ssh": f"127.0.0.1:{row.host_port}" if row.host_port else None,
+        "created_at": row.created_at, "updated_at": row.updated_at,
+    }
+    if admin:
+        view["uuid"] = row.uuid
+    return view
+
+
+def rollout_view(host: Host, ro: RolloutRow) -> dict[str, Any]:
+    return {"id": ro.id, "family": ro.family_ref, "target": ro.target, "state": ro.state.value,
+            "max_unavailable": ro.max_unavailable, "reason": ro.reason, "created_at": ro.created_at,
+            "vms": [{"vm": s.vm, "batch": s.batch + 1, "from": s.from_version, "state": s.state.value,
+                     "downtime": s.downtime, "reason": s.reason} for s in host.state.steps(ro.id)]}
+
+
+# -- principals --------------------------------------------------------------------------------
+bearer = HTTPBearer(auto_error=False, description="a token from the configuration's api.tokens")
+
+
+def principal(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+    if creds is None:
+        raise Unauthorized("authorization: missing bearer token (Authorization: Bearer TOKEN)")
+    daemon: Daemon = request.app.state.daemon
+    return daemon.authenticate(creds.credentials)
+
+
+def admin(p: Annotated[Principal, Depends(principal)]) -> Principal:
+    if not p.admin:
+        raise Forbidden("authorization: this call needs an admin token")
+    return p
+
+
+Who = Annotated[Principal, Depends(principal)]
+Admin = Annotated[Principal, Depends(admin)]
+Name = Annotated[str, PathParam(pattern=NAME, max_length=63, description="VM name")]
+
+
+# -- the app -----------------------------------------------------------------------------------
+def create_app(d: Daemon) -> FastAPI:
+    app = FastAPI(title="hvagent", version=__version__,
+                  description="Hypervisor host agent: VMs from versioned qcow2 guest OS images on libvirt.")
+    app.state.daemon = d
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(d.host))
+
+    @app.exception_handler(HvError)
+    async def _hv_error(_: Request, e: HvError) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=e.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": validation_line(e.errors())}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return JSONResponse({"error": "internal error; see the daemon's log"}, status_code=500)
+
+    def own(host: Host, p: Principal, name: str) -> VmRow:
+        row = host.state.vm(name)
+        if row is None or not (p.admin or row.owner == p.name):
+            raise NotFound(f"vm {name}: no such VM")
+        return row
+
+    # -- service -------------------------------------------------------------------------------
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["service"], response_class=PlainTextResponse)
+    def metrics(_: Admin) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/host", tags=["host"])
+    def host_facts(_: Admin) -> dict[str, Any]:
+        host = d.host()
+        return {"facts": host.virt.host_facts(), "capacity": host.provisioner.capacity(),
+                "accelerator": host.accelerator().value, "version": __version__}
+
+    # -- images --------------------------------------------------------------------------------
+    @app.get("/v1/images", tags=["images"])
+    def images_list(p: Who) -> list[dict[str, Any]]:
+        return [{"name": e.row.name, "family": e.row.family, "version": e.row.version, "state": e.row.state.value,
+                 "sha256": e.row.sha256, "virtual_size": e.row.virtual_size,
+                 "firmware": e.row.manifest.get("firmware"), **({"vms": e.vms} if p.admin else {})}
+                for e in d.host().catalog.entries()]
+
+    @app.post("/v1/images", tags=["images"], status_code=201)
+    def images_publish(_: Admin, image: Annotated[UploadFile, File(description="the qcow2 file")],
+                       manifest: Annotated[UploadFile, File(description="its manifest (YAML)")],
+                       policy: Annotated[Policy | None, Form()] = None) -> dict[str, Any]:
+        """Publish an image (checked as hostile until proven otherwise); may start a rollout."""
+        uploads = d.cfg.state_dir / "uploads"
+        uploads.mkdir(mode=0o700, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=uploads) as tmp:
+            base = Path(image.filename or "upload").name.removesuffix(".qcow2") or "upload"
+            img, man = Path(tmp) / f"{base}.qcow2", Path(tmp) / f"{base}.yaml"
+            with img.open("wb") as f:
+                shutil.copyfileobj(image.file, f, 4 << 20)
+            with man.open("wb") as f:
+                shutil.copyfileobj(manifest.file, f, 1 << 20)
+            with d.locked() as host:
+                row = host.catalog.publish(img, man)
+                ro = host.rollouts.on_publish(row, policy)
+        d.wake.set()
+        return {"image": {"name": row.name, "version": row.version, "family": row.family, "sha256": row.sha256},
+                "rollout": ro.id if ro else None}
+
+    @app.post("/v1/images/{ref}/retire", tags=["images"])
+    def images_retire(_: Admin, ref: Annotated[str, PathParam(pattern=REF)], body: RetireRequest) -> dict[str, Any]:
+        grace = parse_duration(body.grace)
+        with d.locked() as host:
+            r = host.rollouts.retire(ref, grace, body.policy)
+        return {"image": ref, "grace_until": r.grace_until, "policy": r.policy}
+
+    @app.post("/v1/images/gc", tags=["images"])
+    def images_gc(_: Admin, body: GcRequest) -> dict[str, Any]:
+        with d.locked() as host:
+            return {"removed": host.rollouts.gc(body.keep)}
+
+    # -- rollouts ------------------------------------------------------------------------------
+    @app.get("/v1/rollouts", tags=["rollouts"])
+    def rollouts_list(_: Admin, all_: Annotated[bool, Query(alias="all")] = False) -> list[dict[str, Any]]:
+        host = d.host()
+        return [rollout_view(host, ro) for ro in host.state.rollouts(active_only=not all_)]
+
+    @app.get("/v1/rollouts/{rid}", tags=["rollouts"])
+    def rollout_get(_: Admin, rid: Annotated[int, PathParam(ge=1, le=1 << 31)]) -> dict[str, Any]:
+        host = d.host()
+        ro = host.state.rollout(rid)
+        if ro is None:
+            raise NotFound(f"rollout {rid}: no such rollout")
+        return rollout_view(host, ro)
+
+    @app.post("/v1/rollouts", tags=["rollouts"], status_code=202)
+    def rollout_start(_: Admin, body: RolloutRequest) -> dict[str, Any]:
+        name, major = parse_family(body.family)
+        if body.max_unavailable is not None:
+            parse_max_unavailable(body.max_unavailable, "max_unavailable")
+        with d.locked() as host:
+            ro = host.rollouts.start(name, major, body.max_unavailable)
+        d.wake.set()
+        return {"rollout": rollout_view(host, ro) if ro else None}
+
+    @app.post("/v1/rollouts/{family}/{action}", tags=["rollouts"])
+    def rollout_action(_: Admin, family: Annotated[str, PathParam(pattern=FAMILY)],
+                       action: Annotated[str, PathParam(pattern=r"^(pause|resume|abort)$")]) -> dict[str, Any]:
+        host = d.host()
+        ro = getattr(host.rollouts, action)(family)
+        d.wake.set()
+        return {"rollout": rollout_view(host, host.state.rollout(ro.id) or ro)}
+
+    # -- VMs -----------------------------------------------------------------------------------
+    @app.get("/v1/vms", tags=["vms"])
+    def vms_list(p: Who) -> list[dict[str, Any]]:
+        rows = d.host().state.vms(owner=None if p.admin else p.name)
+        return [vm_view(r, p.admin) for r in rows]
+
+    @app.post("/v1/vms", tags=["vms"], status_code=202)
+    def vm_create(p: Who, body: VmRequest) -> dict[str, Any]:
+        """Create a VM from a track; 202: it boots, and its state becomes running (or failed)."""
+        if p.admin:
+            if body.owner is None:
+                raise InputError("owner: admins name the tenant that owns the VM")
+            owner = body.owner
+        else:
+            if body.owner not in (None, p.name):
+                raise Forbidden("owner: a tenant creates VMs for itself only")
+            if body.network.mode is not NetMode.USER:
+                raise Forbidden("network: tenants get user networking; ask an operator for another network")
+            owner = p.name
+        try:
+            spec = VmSpec.model_validate({**body.model_dump(mode="json"), "owner": owner})
+        except ValidationError as e:
+            raise InputError(validation_line(e.errors())) from e
+        with d.locked() as host:
+            existing = host.state.vm(spec.name)
+            if existing is not None:
+                raise Conflict(f"vm {spec.name}: the name is taken; choose another")
+            if not p.admin:
+                check_quota(host, p, spec)
+            row = host.provisioner.create(spec)
+        d.watch_health(row.name)
+        return vm_view(row, p.admin)
+
+    @app.post("/v1/apply", tags=["vms"], status_code=202)
+    def apply(_: Admin, body: Spec,
+              source: Annotated[str, Query(max_length=256, pattern=r"^[\x20-\x7e]*$")] = "spec") -> dict[str, Any]:
+        """Converge to a spec (the CLI's ``apply``): create the VMs the host lacks; all checked first."""
+        notes: list[str] = []
+        with d.locked() as host:
+            created = host.apply(body, source, notes=notes.append)
+        for name in created:
+            d.watch_health(name)
+        return {"created": created, "notes": notes}
+
+    @app.get("/v1/vms/{name}", tags=["vms"])
+    def vm_get(p: Who, name: Name) -> dict[str, Any]:
+        return vm_view(own(d.host(), p, name), p.admin)
+
+    @app.delete("/v1/vms/{name}", tags=["vms"])
+    def vm_delete(p: Who, name: Name, purge: bool = False) -> dict[str, Any]:
+        """Destroy the VM; its data disk is kept unless purge=true."""
+        with d.locked() as host:
+            own(host, p, name)
+            host.provisioner.destroy(name, purge=purge)
+        return {"name": name, "deleted": True, "purged": purge}
+
+    @app.post("/v1/vms/{name}/stop", tags=["vms"])
+    def vm_stop(p: Who, name: Name) -> dict[str, Any]:
+        """ACPI shutdown (forced off after shutdown_timeout); it stays off until started."""
+        with d.locked() as host:
+            row = own(host, p, name)
+            if row.state not in (VmState.RUNNING, VmState.STOPPED, VmState.FAILED):
+                raise Conflict(f"vm {name}: is {row.state}; try again when it is running")
+            host.state.update_vm(name, state=VmState.STOPPED, reason=f"stopped by {p.name}")
+            host.state.event("vm.stopping", f"requested by {p.name}", vm=name)
+        clean = host.virt.shutdown(name, d.cfg.shutdown_timeout)
+        host.state.event("vm.stopped", "shut down" if clean else "forced off after the shutdown timeout", vm=name)
+        return vm_view(host.provisioner.row(name), p.admin)
+
+    @app.post("/v1/vms/{name}/start", tags=["vms"], status_code=202)
+    def vm_start(p: Who, name: Name) -> dict[str, Any]:
+        with d.locked() as host:
+            row = own(host, p, name)
+            if row.state not in (VmState.STOPPED, VmState.FAILED, VmState.RUNNING):
+                raise Conflict(f"vm {name}: is {row.state}; try again when it settles")
+            host.virt.start(name)
+            if row.state is not VmState.RUNNING:
+                host.state.update_vm(name, state=VmState.PROVISIONING, reason=None)
+                host.state.event("vm.starting", f"requested by {p.name}", vm=name)
+        if row.state is not VmState.RUNNING:
+            d.watch_health(name)
+        return vm_view(host.provisioner.row(name), p.admin)
+
+    @app.post("/v1/vms/{name}/reboot", tags=["vms"])
+    def vm_reboot(p: Who, name: Name) -> dict[str, Any]:
+        with d.locked() as host:
+            row = own(host, p, name)
+            if row.state is not VmState.RUNNING:
+                raise Conflict(f"vm {name}: is {row.state}, not running")
+            host.virt.reboot(name)
+            host.state.event("vm.reboot", f"requested by {p.name}", vm=name)
+        return vm_view(row, p.admin)
+
+    @app.get("/v1/vms/{name}/console", tags=["vms"], response_class=PlainTextResponse)
+    def vm_console(p: Who, name: Name,
+                   tail: Annotated[int, Query(ge=1, le=CONSOLE_MAX, description="last bytes")] = 65536) -> str:
+        """The guest's serial console output (the last ``tail`` bytes)."""
+        host = d.host()
+        own(host, p, name)
+        path = VmPaths.of(d.cfg, name).console
+        try:
+            with path.open("rb") as f:
+                size = f.seek(0, 2)
+                f.seek(max(0, size - tail))
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @app.get("/v1/events", tags=["events"])
+    def events(p: Who, vm: Annotated[str | None, Query(pattern=NAME, max_length=63)] = None,
+               limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> list[dict[str, Any]]:
+        host = d.host()
+        if vm is not None:
+            own(host, p, vm)
+        evs = host.state.events(vm, limit)
+        if not p.admin:
+            mine = {r.name for r in host.state.vms(owner=p.name)}
+            evs = [e for e in evs if e.vm in mine]
+        return [{"ts": e.ts, "vm": e.vm, "kind": e.kind, "message": e.message, "duration": e.duration} for e in evs]
+
+    return app
+
+
+def check_quota(host: Host, p: Principal, spec: VmSpec) -> None:
+    mine = [VmSpec.model_validate(r.spec) for r in host.state.vms(owner=p.name)]
+    q = p.quota
+    if len(mine) + 1 > q.vms:
+        raise Forbidden(f"quota: vms: {p.name} may have {q.vms} VM(s) and has {len(mine)}")
+    cpus = sum(s.cpus for s in mine) + spec.cpus
+    if cpus > q.cpus:
+        raise Forbidden(f"quota: cpus: {cpus} vCPUs would exceed {p.name}'s quota of {q.cpus}")
+    memory = sum(s.memory for s in mine) + spec.memory
+    if memory > q.memory:
+        raise Forbidden(f"quota: memory: {memory} MiB would exceed {p.name}'s quota of {q.memory} MiB")
+
+
+def validation_line(errors: Any) -> str:
+    """The first validation error as ``where: what`` (the body's field path, without 'body')."""
+    if not errors:
+        return "request: invalid"
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ())[1 if err.get("loc", ("",))[0] == "body" else 0:]]
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{'.'.join(loc) or 'body'}: {msg}"
+
+
+# -- body size limit ---------------------------------------------------------------------------
+ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
+
+
+class BodyLimit:
+    """413 for a body over the limit: Content-Length checked first, streamed bodies counted."""
+
+    def __init__(self, app: ASGIApp, limit: Callable[[str, str], int]) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit(scope["method"], scope["path"])
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await JSONResponse({"error": f"request body: larger than {limit} bytes"}, status_code=413)(
+                scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, f"request body: larger than {limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+# -- serving -----------------------------------------------------------------------------------
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_ready = on_ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            self._on_ready()
+
+
+def serve_api(d: Daemon, sockets: list[socket.socket], on_ready: Callable[[], None]) -> None:
+    app = create_app(d)
+    image_limit = d.cfg.max_virtual_size + (1 << 20)
+
+    def limit(method: str, path: str) -> int:
+        return image_limit if (method, path) == ("POST", "/v1/images") else d.cfg.api.max_body
+
+    config = uvicorn.Config(BodyLimit(app, limit), log_config=None, access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=30)
+    server = _Server(config, on_ready)
+    # uvicorn re-raises the signal it caught once it has shut down; let that land on a no-op so the
+    # daemon can finish its engine step and exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    asyncio.run(server.serve(sockets=sockets))

@@ -1,0 +1,406 @@
+"""``hvagent serve``: the daemon.
+
+Four kinds of work share one process, each on its own thread with its own ``Host`` (SQLite and
+libvirt connections are per thread); every mutation holds the host lock, the same lock the CLI
+takes, so daemon and CLI never act on one host at once:
+
+- the **API** (uvicorn, FastAPI: ``agent.api``) on a Unix socket and optionally loopback TCP;
+- the **engine**: reconcile passes (desired state in SQLite against libvirt), lifecycle events,
+  retirement deadlines and rollouts, one batch per hold of the lock;
+- the **inbox**: an image pipeline moves FILE.qcow2 and then FILE.yaml into the inbox directory;
+  inotify wakes the daemon, which publishes them;
+- **health waits** for VMs the API created (one short-lived thread each).
+
+systemd: READY=1 once the API listens, WATCHDOG=1 while the engine is alive, STOPPING=1 on
+SIGTERM, after which the engine finishes its current step (a batch is journaled) and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import hashlib
+import hmac
+import logging
+import os
+import queue
+import secrets
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sdnotify
+from inotify_simple import INotify
+from inotify_simple import flags as inflags
+
+from agent.config import Config, Quota, Role
+from agent.errors import EnvError, HvError, Unauthorized
+from agent.host import Host
+from agent.manifest import Manifest
+from agent.provision import VmPaths, make_overlay
+from agent.spec import Restart, VmSpec
+from agent.state import RolloutState, VmState, host_lock, logfmt
+from agent.virt import FAILURE_REASONS, DomState, LifecycleEvent, LifecycleWatch, start_event_loop
+
+log = logging.getLogger("hvagent.daemon")
+
+STOP_CAUSES = {"shutdown": "the guest powered off", "destroyed": "powered off outside hvagent",
+               "crashed": "its QEMU process died", "failed": "its QEMU process died or failed"}
+# VM states in which the VM belongs to the reconcile loop (the others belong to an operation).
+SETTLED = (VmState.RUNNING, VmState.STOPPED, VmState.FAILED)
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: Role
+    quota: Quota
+
+    @property
+    def admin(self) -> bool:
+        return self.role is Role.ADMIN
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self._local = threading.local()
+        self._hosts: list[Host] = []
+        self._hosts_lock = threading.Lock()
+        self._events: queue.Queue[LifecycleEvent] = queue.Queue()
+        self._waiters = ThreadPoolExecutor(max_workers=8, thread_name_prefix="health")
+        self._principals: dict[str, tuple[Principal, datetime | None]] = {
+            t.sha256: (Principal(t.name, t.role, t.quota), t.expires) for t in cfg.api.tokens}
+        self.beat = time.monotonic()
+        self.engine_busy = False
+        self.notifier = sdnotify.SystemdNotifier()
+        self.watch: LifecycleWatch | None = None
+
+    # -- per-thread hosts ----------------------------------------------------------------------
+    def host(self) -> Host:
+        h: Host | None = getattr(self._local, "host", None)
+        if h is None:
+            h = Host(self.cfg)
+            self._local.host = h
+            with self._hosts_lock:
+                self._hosts.append(h)
+        return h
+
+    @contextmanager
+    def locked(self) -> Iterator[Host]:
+        host = self.host()
+        with host_lock(self.cfg.state_dir):
+            yield host
+
+    # -- authentication ------------------------------------------------------------------------
+    def authenticate(self, token: str) -> Principal:
+        digest = token_hash(token)
+        for known, (principal, expires) in self._principals.items():
+            if hmac.compare_digest(known, digest):
+                if expires is not None and datetime.now(UTC) >= _utc(expires):
+                    raise Unauthorized("authorization: token expired")
+                return principal
+        raise Unauthorized("authorization: unknown token")
+
+    def _write_local_token(self) -> None:
+        """A fresh admin token for the local CLI, readable by root only."""
+        token = secrets.token_urlsafe(32)
+        path = self.cfg.local_token
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.replace(tmp, path)
+        self._principals[token_hash(token)] = (Principal("local", Role.ADMIN, Quota()), None)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def serve(self) -> int:
+        setup_logging()
+        start_event_loop()  # before any libvirt connection is opened
+        host = self.host()
+        with host_lock(self.cfg.state_dir):
+            host.recover()
+        self.cfg.inbox.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._write_local_token()
+        self.watch = LifecycleWatch(self.cfg.libvirt_uri, self._on_lifecycle)
+        self.watch.ensure()
+        for row in host.state.vms():
+            if row.state is VmState.PROVISIONING:  # created, but a restart interrupted its health wait
+                self.watch_health(row.name)
+        sockets = self._bind()
+        threads = [threading.Thread(target=self._engine, name="engine", daemon=True),
+                   threading.Thread(target=self._inbox, name="inbox", daemon=True),
+                   threading.Thread(target=self._watchdog, name="watchdog", daemon=True)]
+        for t in threads:
+            t.start()
+        from agent.api import serve_api
+
+        try:
+            serve_api(self, sockets, on_ready=self._ready)  # returns on SIGTERM/SIGINT
+        finally:
+            self.notifier.notify("STOPPING=1")
+            log.info(logfmt({"msg": "stopping: the engine finishes its current step"}))
+            self.stop.set()
+            self.wake.set()
+            threads[0].join(timeout=self.cfg.shutdown_timeout + self.cfg.health_timeout + 60)
+            self._waiters.shutdown(wait=False, cancel_futures=True)
+            self.cfg.api.socket.unlink(missing_ok=True)
+            if self.watch is not None:
+                self.watch.close()
+            with self._hosts_lock:  # each thread's connections; those threads are done or daemonic
+                for h in self._hosts:
+                    with contextlib.suppress(Exception):
+                        h.close()
+        log.info(logfmt({"msg": "stopped"}))
+        return 0
+
+    def _ready(self) -> None:
+        self.notifier.notify(f"READY=1\nSTATUS=serving on {self.cfg.api.socket}\nMAINPID={os.getpid()}")
+        log.info(logfmt({"msg": "ready", "socket": str(self.cfg.api.socket), "tcp": self.cfg.api.tcp}))
+
+    def _bind(self) -> list[socket.socket]:
+        path = self.cfg.api.socket
+        try:
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            unix.bind(str(path))
+            os.chmod(path, 0o660)
+            if self.cfg.api.socket_group:
+                os.chown(path, -1, grp.getgrnam(self.cfg.api.socket_group).gr_gid)
+        except (OSError, KeyError) as e:
+            raise EnvError(f"{path}: cannot listen on the API socket ({e})") from e
+        sockets = [unix]
+        if self.cfg.api.tcp:
+            hostpart, port = self.cfg.api.tcp.rsplit(":", 1)
+            hostpart = hostpart.strip("[]")
+            family = socket.AF_INET6 if ":" in hostpart else socket.AF_INET
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind((hostpart, int(port)))
+            except OSError as e:
+                raise EnvError(f"api.tcp: cannot listen on {self.cfg.api.tcp} ({e.strerror})") from e
+            sockets.append(tcp)
+        for s in sockets:
+            s.listen(128)
+        return sockets
+
+    def _watchdog(self) -> None:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if usec <= 0:
+            return
+        # A batch may legitimately hold the engine for a shutdown plus a health timeout.
+        limit = self.cfg.reconcile_interval * 3 + self.cfg.shutdown_timeout + self.cfg.health_timeout + 60
+        while not self.stop.wait(usec / 2e6):
+            if time.monotonic() - self.beat < limit:
+                self.notifier.notify("WATCHDOG=1")
+
+    # -- health waits --------------------------------------------------------------------------
+    def watch_health(self, name: str) -> None:
+        def wait() -> None:
+            try:
+                self.host().provisioner.wait(name)
+            except HvError as e:
+                log.info(logfmt({"vm": name, "msg": f"health: {e}"}))
+            except Exception:
+                log.exception("health wait of %s", name)
+
+        self._waiters.submit(wait)
+
+    # -- engine --------------------------------------------------------------------------------
+    def _on_lifecycle(self, ev: LifecycleEvent) -> None:
+        self._events.put(ev)
+        self.wake.set()
+
+    def _engine(self) -> None:
+        while not self.stop.is_set():
+            self.beat = time.monotonic()
+            try:
+                self.tick()
+            except HvError as e:
+                log.warning(logfmt({"msg": f"engine: {e}"}))
+            except Exception:
+                log.exception("engine pass failed")
+            self.wake.wait(self.cfg.reconcile_interval)
+            self.wake.clear()
+
+    def tick(self) -> None:
+        """One pass: lifecycle events, reconcile, retirement deadlines, one rollout batch."""
+        host = self.host()
+        if self.watch is not None and not self.watch.connected:
+            self.watch.ensure()
+        self._lifecycle_events(host)
+        with host_lock(self.cfg.state_dir):
+            self.reconcile(host)
+            host.rollouts.enforce_retirements(_say)
+        if self.stop.is_set():
+            return
+        for ro in host.state.rollouts(active_only=True):
+            if ro.state is RolloutState.RUNNING:
+                with host_lock(self.cfg.state_dir):
+                    self.beat = time.monotonic()
+                    if host.rollouts.step(ro.id, _say):
+                        self.wake.set()  # straight on to the next batch
+                break
+
+    def _lifecycle_events(self, host: Host) -> None:
+        while True:
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                return
+            row = host.state.vm(ev.name)
+            if row is None or row.uuid != ev.uuid or row.state is not VmState.RUNNING:
+                continue  # not ours, or stopped by an operation of ours
+            if ev.kind == "stopped":
+                what = STOP_CAUSES.get(ev.detail, ev.detail)
+                host.state.event("vm.stopped", f"{what} (libvirt: stopped/{ev.detail})", vm=ev.name)
+            elif ev.kind == "crashed":
+                host.state.event("vm.crashed", "the guest crashed (libvirt: crashed)", vm=ev.name)
+
+    def reconcile(self, host: Host) -> dict[str, int]:
+        """Repair drift between the VMs hvagent keeps and libvirt's domains; count what was done.
+
+        One libvirt listing per pass; a VM whose journal entry is open belongs to that operation.
+        """
+        done = {"restarted": 0, "recreated": 0, "stopped": 0}
+        rows = host.state.vms()
+        if not rows:
+            return done
+        statuses = host.virt.statuses()
+        busy = {it.target for it in host.state.pending()}
+        for row in rows:
+            if row.name in busy or row.state not in SETTLED:
+                continue
+            st = statuses.get(row.name)
+            if st is not None and st.uuid != row.uuid:
+                if row.reason != "a domain hvagent did not create has taken its name":
+                    host.state.update_vm(row.name, state=VmState.FAILED,
+                                         reason="a domain hvagent did not create has taken its name")
+                    host.state.event("vm.failed", "a foreign domain has its name; left alone", vm=row.name)
+                continue
+            if st is None:
+                self._recreate(host, row.name, start=row.state is not VmState.STOPPED)
+                done["recreated"] += 1
+                continue
+            if row.state is VmState.RUNNING and st.state is DomState.SHUTOFF:
+                policy = Restart(VmSpec.model_validate(row.spec).restart)
+                if policy is Restart.ALWAYS or (policy is Restart.ON_FAILURE and st.reason in FAILURE_REASONS):
+                    host.virt.start(row.name)
+                    host.state.event("vm.restarted", f"was shut off ({st.reason}); restart policy {policy}",
+                                     vm=row.name)
+                    done["restarted"] += 1
+                else:
+                    host.state.update_vm(row.name, state=VmState.STOPPED,
+                                         reason=f"shut off ({st.reason}); restart policy {policy}")
+                    host.state.event("vm.stopped", f"stays off ({st.reason}); restart policy {policy}", vm=row.name)
+                    done["stopped"] += 1
+        return done
+
+    def _recreate(self, host: Host, name: str, start: bool) -> None:
+        """A managed domain deleted by hand: define it again from what hvagent keeps, same identity."""
+        row = host.provisioner.row(name)
+        paths = VmPaths.of(self.cfg, name)
+        if not paths.host_key.exists():
+            host.state.update_vm(name, state=VmState.FAILED, reason="its domain and its files are gone")
+            host.state.event("vm.failed", "domain deleted and its files are gone; destroy it", vm=name)
+            return
+        image = host.state.image(row.image, row.version)
+        if image is None:
+            host.state.update_vm(name, state=VmState.FAILED, reason=f"{row.image}-{row.version} is gone")
+            return
+        notes = []
+        if not paths.os_disk(row.version).exists():
+            make_overlay(host.catalog.base_for_use(image), paths.os_disk(row.version))
+            notes.append("OS disk was gone: new overlay")
+        if not paths.seed.exists():
+            host.provisioner.write_vm_seed(row, paths)
+        host.virt.define(host.provisioner.domain(row, Manifest.model_validate(image.manifest), host.accelerator()))
+        if start:
+            host.virt.start(name)
+        host.state.event("vm.recreated", "; ".join(["domain was deleted outside hvagent: defined again"
+                                                    + (" and started" if start else ""), *notes]), vm=name)
+
+    # -- inbox (publish hook) ------------------------------------------------------------------
+    def _inbox(self) -> None:
+        inbox = self.cfg.inbox
+        try:
+            ino = INotify()
+            ino.add_watch(inbox, inflags.MOVED_TO | inflags.CLOSE_WRITE)
+        except OSError as e:
+            log.error(logfmt({"msg": f"inbox {inbox}: cannot watch ({e.strerror}); publish hook off"}))
+            return
+        with ino:
+            self.scan_inbox()
+            while not self.stop.is_set():
+                if ino.read(timeout=1000):
+                    self.scan_inbox()
+
+    def scan_inbox(self) -> None:
+        """Publish every FILE.qcow2 whose FILE.yaml has arrived; failures go to failed/ with a reason."""
+        inbox = self.cfg.inbox
+        for manifest in sorted(inbox.glob("*.yaml")):
+            image = manifest.with_suffix(".qcow2")
+            if not image.exists() or manifest.name.startswith("."):
+                continue
+            try:
+                with self.locked() as host:
+                    row = host.catalog.publish(image, manifest)
+                    host.state.event("image.inbox", f"{row.ref} published from the inbox")
+                    host.rollouts.on_publish(row)
+            except HvError as e:
+                failed = inbox / "failed"
+                failed.mkdir(mode=0o700, exist_ok=True)
+                for f in (image, manifest):
+                    if f.exists():
+                        shutil.move(f, failed / f.name)
+                (failed / f"{image.stem}.error").write_text(f"{e}\n")
+                self.host().state.event("image.inbox-failed", f"{image.name}: {e}")
+                continue
+            image.unlink(missing_ok=True)
+            manifest.unlink(missing_ok=True)
+            self.wake.set()
+
+
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def _say(message: str) -> None:
+    log.info(logfmt({"msg": message}))
+
+
+class _LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname.lower()
+        if record.name == "hvagent.event" or record.getMessage().startswith(("msg=", "vm=")):
+            line = f"level={level} {record.getMessage()}"
+        else:
+            line = logfmt({"level": level, "logger": record.name, "msg": record.getMessage()})
+        if record.exc_info:
+            line += " " + logfmt({"exception": self.formatException(record.exc_info).replace("\n", " | ")})
+        return line
+
+
+def setup_logging() -> None:
+    """One logfmt line per record on stderr: the journal adds time and unit."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
