@@ -87,6 +87,7 @@ class Daemon:
         self.beat = time.monotonic()
         self.engine_busy = False
         self.notifier = sdnotify.SystemdNotifier()
+        self.notifier.socket.setblocking(False)  # a notify never stalls the daemon if nobody reads
         self.watch: LifecycleWatch | None = None
 
     # -- per-thread hosts ----------------------------------------------------------------------

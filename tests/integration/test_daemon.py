@@ -276,7 +276,7 @@ def test_tenant_reaches_its_guest_and_nothing_else(daemon: Daemon) -> None:
     assert "VERSION_ID=1.0" in guest(port, pkey, "cat /etc/os-release")
 
     metrics = daemon.call("ops", "GET", "/metrics").text
-    assert 'hvagent_vms{state="running",image="tiny",version="1.0",track="tiny-1.*"} 1.0' in metrics
+    assert 'hvagent_vms{image="tiny",state="running",track="tiny-1.*",version="1.0"} 1.0' in metrics
     assert 'hvagent_repairs_total{kind="recreated"} 1.0' in metrics
 
     assert daemon.call("alice", "DELETE", "/v1/vms/alice-vm", params={"purge": "true"}).status_code == 200
