@@ -76,8 +76,11 @@ class Provisioner:
         return self._agent_key
 
     # create --------------------------------------------------------------------------------
-    def create(self, spec: VmSpec, say: Say = lambda _: None) -> VmRow:
-        """Create and start one VM; it is not yet known to be healthy (see ``wait``)."""
+    def create(self, spec: VmSpec, say: Say = lambda _: None, start: bool = True) -> VmRow:
+        """Create and start one VM; it is not yet known to be healthy (see ``wait``).
+
+        With ``start=False`` the domain is only defined and the VM is ``stopped``.
+        """
         if self.state.vm(spec.name) is not None:
             raise Conflict(f"vm {spec.name}: already exists")
         if self.virt.exists(spec.name):
@@ -113,7 +116,10 @@ class Provisioner:
                     paths.data.parent.mkdir(mode=0o711, exist_ok=True)
                     proc.run(["qemu-img", "create", "-q", "-f", "qcow2", paths.data, f"{spec.data_disk}G"])
             self.virt.define(self.domain(row, manifest, accel))
-            self.virt.start(spec.name)
+            if start:
+                self.virt.start(spec.name)
+            else:
+                self.state.update_vm(spec.name, state=VmState.STOPPED, reason="created stopped")
         except BaseException:
             self._undo_create(spec.name, paths, data_existed)
             self.state.done(intent)

@@ -337,6 +337,146 @@ def bench_publish(runs: int) -> Result:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class Counting:
+    """A libvirt object that counts the calls made through it; objects it returns count too.
+
+    ``name``/``UUIDString`` of a virDomain read fields the object already holds (no RPC), so they
+    are not counted.
+    """
+
+    LOCAL = frozenset({"name", "UUIDString", "UUID", "connect"})
+
+    def __init__(self, target: Any, counter: list[int]) -> None:
+        self._target = target
+        self._counter = counter
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(self._target, attr)
+        if not callable(value) or attr in self.LOCAL:
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._counter[0] += 1
+            return self._wrap(value(*args, **kwargs))
+
+        return call
+
+    def _wrap(self, value: Any) -> Any:
+        import libvirt
+
+        if isinstance(value, libvirt.virDomain):
+            return Counting(value, self._counter)
+        if isinstance(value, list):
+            return [self._wrap(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(self._wrap(v) for v in value)
+        return value
+
+
+def define_stopped(host: Host, count: int, key: str, prefix: str) -> None:
+    with host_lock(host.cfg.state_dir):
+        for i in range(count):
+            host.provisioner.create(spec_of(f"{prefix}-{i:03d}", "tiny-1.*", key, memory=64), start=False)
+
+
+def reconcile_passes(host: Host, passes: int) -> tuple[list[float], list[float], int]:
+    """Median-able times of Daemon.reconcile and of one raw listing, and libvirt calls per pass."""
+    import libvirt
+
+    from agent.daemon import Daemon
+
+    daemon = Daemon(host.cfg)
+    host.virt.statuses()  # connect
+    raw_conn = host.virt._conn
+    counter = [0]
+    host.virt._conn = Counting(raw_conn, counter)
+    ours: list[float] = []
+    base: list[float] = []
+    calls = 0
+    try:
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            raw_conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0)
+            base.append(time.perf_counter() - t0)
+            counter[0] = 0
+            t0 = time.perf_counter()
+            done = daemon.reconcile(host)
+            ours.append(time.perf_counter() - t0)
+            calls = counter[0]
+            assert not any(done.values()), done  # nothing to repair: a pure pass
+    finally:
+        host.virt._conn = raw_conn
+    return ours, base, calls
+
+
+def rss_mib(pid: int) -> float:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def daemon_rss(host: Host, settle: float) -> float:
+    """Resident memory of `hvagent serve` on this host's state after `settle` s of reconcile passes."""
+    cfg_path = host.cfg.state_dir / "serve.yaml"
+    cfg_path.write_text(yaml.safe_dump({"state_dir": str(host.cfg.state_dir), "accelerator": "qemu",
+                                        "reconcile_interval": 1.0,
+                                        "api": {"socket": str(host.cfg.state_dir / "api.sock")}}))
+    exe = ROOT / ".venv" / "bin" / "hvagent"
+    proc = subprocess.Popen([str(exe), "serve"], env={**os.environ, "HVAGENT_CONFIG": str(cfg_path)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        token_file = host.cfg.state_dir / "api.token"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not token_file.exists():
+            time.sleep(0.2)
+        time.sleep(1)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(host.cfg.state_dir / "api.sock")),
+                          base_url="http://hvagent",
+                          headers={"Authorization": f"Bearer {token_file.read_text().strip()}"}) as c:
+            for _ in range(5):
+                c.get("/v1/vms").raise_for_status()
+                c.get("/metrics").raise_for_status()
+        time.sleep(settle)
+        return rss_mib(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
+def bench_footprint(passes: int) -> tuple[Result, Result]:
+    key = new_ed25519("bench").public
+    host = new_host("footprint")
+    try:
+        host.catalog.publish(IMAGES / "tiny-1.0.qcow2")
+        idle0 = daemon_rss(host, 10)
+        log(f"daemon RSS with 0 VMs: {idle0:.1f} MiB")
+        define_stopped(host, 20, key, "fp")
+        small, _, calls_small = reconcile_passes(host, passes)
+        define_stopped(host, 180, key, "fq")
+        big, raw, calls_big = reconcile_passes(host, passes)
+        log(f"reconcile over 200 domains: median {statistics.median(big) * 1000:.1f} ms, {calls_big} libvirt "
+            f"call(s) per pass (20 domains: {calls_small} call(s), {statistics.median(small) * 1000:.1f} ms)")
+        reconcile = Result(
+            "reconcile pass, 200 defined managed domains", "one raw getAllDomainStats listing of the same domains",
+            "s", big, raw, "median <= 300 ms; libvirt calls do not grow with domains", None,
+            notes=f"median {statistics.median(big) * 1000:.1f} ms (target 300 ms: "
+                  f"{'met' if statistics.median(big) <= 0.3 else 'missed'}); libvirt calls per pass: "
+                  f"{calls_big} with 200 domains, {calls_small} with 20").finish()
+        with host_lock(host.cfg.state_dir):
+            for vm in host.state.vms()[50:]:
+                host.provisioner.destroy(vm.name, purge=True)
+        idle50 = daemon_rss(host, 15)
+        log(f"daemon RSS with 50 VMs: {idle50:.1f} MiB")
+        rss = Result("daemon idle RSS, 50 managed VMs", "the same daemon with 0 VMs", "MiB", [idle50], [idle0],
+                     "RSS <= 80 MiB", None,
+                     notes=f"{idle50:.1f} MiB with 50 VMs, {idle0:.1f} MiB with none (target 80 MiB: "
+                           f"{'met' if idle50 <= 80 else f'missed by {idle50 - 80:.1f} MiB'})").finish()
+        return reconcile, rss
+    finally:
+        clean(host)
+
+
 def draw(timeline: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -387,8 +527,6 @@ def write(results: list[Result], extra: dict[str, Any]) -> None:
                      f"| {r.name} | {r.baseline} | {len(r.ratios)} | {statistics.median(r.ours):.2f} {r.unit} | - | ")
         lines[-1] += f"{r.median:.3f} | {min(r.ratios):.3f} | {max(r.ratios):.3f} | {r.target} | {r.verdict} |"
     lines += ["", *[f"- {r.name}: {r.notes}" for r in results if r.notes], "",
-              "Not measured yet: daemon footprint (idle RSS with 50 VMs, reconcile pass over 200 domains), "
-              "because `hvagent serve` does not exist yet (daemon issue).", "",
               "Timeline of the rollout: `bench/rollout.png`.", ""]
     (OUT / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -402,11 +540,21 @@ def main() -> int:
     ap.add_argument("--max-unavailable", type=int, default=3)
     ap.add_argument("--singles", type=int, default=3)
     ap.add_argument("--publish-runs", type=int, default=3)
+    ap.add_argument("--reconcile-passes", type=int, default=10)
+    ap.add_argument("--only", choices=["footprint"], help="run only these benchmarks; keep the other results")
     a = ap.parse_args()
     for ref in ("tiny-1.0", "tiny-1.1"):
         if not (IMAGES / f"{ref}.qcow2").exists():
             sys.exit(f"bench: {IMAGES / ref}.qcow2 missing; run make images")
+    if a.only == "footprint":
+        old = json.loads((OUT / "results.json").read_text())
+        kept = [Result(**{k: v for k, v in r.items() if k in Result.__dataclass_fields__})
+                for r in old["results"] if not r["name"].startswith(("reconcile", "daemon"))]
+        write([*kept, *bench_footprint(a.reconcile_passes)], {"timeline": old.get("timeline")})
+        shutil.rmtree(WORK, ignore_errors=True)
+        return 0
     results: list[Result] = []
+    results += bench_footprint(a.reconcile_passes)
     prov, bare = bench_provision(a.pairs)
     results.append(prov)
     results.append(bench_disks(a.disk_pairs))
