@@ -87,7 +87,8 @@ class Daemon:
         self.beat = time.monotonic()
         self.engine_busy = False
         self.notifier = sdnotify.SystemdNotifier()
-        self.notifier.socket.setblocking(False)  # a notify never stalls the daemon if nobody reads
+        if self.notifier.socket is not None:  # None when not started by systemd (no NOTIFY_SOCKET)
+            self.notifier.socket.setblocking(False)  # a notify never stalls the daemon if nobody reads
         self.watch: LifecycleWatch | None = None
 
     # -- per-thread hosts ----------------------------------------------------------------------

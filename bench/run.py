@@ -95,7 +95,8 @@ def new_host(tag: str, **overrides: object) -> Host:
     os.chmod(WORK, 0o711)
     state = WORK / tag
     shutil.rmtree(state, ignore_errors=True)
-    cfg = config_mod.load(None, state_dir=state, port_min=22900, port_max=22999, health_timeout=180.0, **overrides)
+    settings: dict[str, object] = {"port_min": 22900, "port_max": 22999, "health_timeout": 180.0, **overrides}
+    cfg = config_mod.load(None, state_dir=state, **settings)
     return Host(cfg)
 
 
@@ -446,7 +447,7 @@ def daemon_rss(host: Host, settle: float) -> float:
 
 def bench_footprint(passes: int) -> tuple[Result, Result]:
     key = new_ed25519("bench").public
-    host = new_host("footprint")
+    host = new_host("footprint", capacity_vcpus=1000, capacity_memory_mib=1 << 20, port_min=23000, port_max=23299)
     try:
         host.catalog.publish(IMAGES / "tiny-1.0.qcow2")
         idle0 = daemon_rss(host, 10)

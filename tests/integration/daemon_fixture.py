@@ -105,7 +105,8 @@ class Daemon:
 
 
 def start_daemon(state_dir: Path, extra: dict[str, Any] | None = None,
-                 quotas: dict[str, dict[str, int]] | None = None) -> Daemon:
+                 quotas: dict[str, dict[str, int]] | None = None, systemd: bool = True) -> Daemon:
+    """With ``systemd`` False the daemon runs as by hand: no NOTIFY_SOCKET, readiness from /healthz."""
     tokens = {who: secrets.token_urlsafe(24) for who in ("ops", "alice", "bob", "expired")}
     quotas = quotas or {}
     entries = [{"name": "ops", "role": "admin", "sha256": token_hash(tokens["ops"])}]
@@ -124,15 +125,29 @@ def start_daemon(state_dir: Path, extra: dict[str, Any] | None = None,
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     log = state_dir / "serve.log"
-    env = {**os.environ, "HVAGENT_CONFIG": str(state_dir / "config.yaml"), "NOTIFY_SOCKET": str(notify_path),
-           "WATCHDOG_USEC": "1000000"}
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    env["HVAGENT_CONFIG"] = str(state_dir / "config.yaml")
+    if systemd:
+        env |= {"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"}
     with log.open("wb") as f:
         proc = subprocess.Popen([str(EXE), "serve"], stdout=f, stderr=subprocess.STDOUT, env=env)
     d = Daemon(state_dir, port, tokens, proc, notify, log)
-    if not d.wait_for("READY=1", 60):
+    if not (d.wait_for("READY=1", 60) if systemd else _answers(d, 60)):
         d.terminate(10)
         raise AssertionError(f"daemon did not become ready:\n{log.read_text()}")
     return d
+
+
+def _answers(d: Daemon, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and d.proc.poll() is None:
+        try:
+            if d.call(None, "GET", "/healthz").status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
 
 
 def stop_daemon(d: Daemon) -> None:

@@ -283,7 +283,13 @@ def test_tenant_reaches_its_guest_and_nothing_else(daemon: Daemon) -> None:
     assert daemon.call("alice", "GET", "/v1/vms").json() == []
 
 
-def test_foreign_domain_is_left_alone(daemon: Daemon) -> None:
+def test_foreign_domain_is_left_alone(state_dir: Path) -> None:
+    """Also: the daemon started by hand (no systemd, no NOTIFY_SOCKET) serves."""
+    for daemon in daemon_fixture(state_dir, systemd=False):
+        _foreign_domain_is_left_alone(daemon)
+
+
+def _foreign_domain_is_left_alone(daemon: Daemon) -> None:
     name = f"foreign-{daemon.port}"
     xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><os><type arch='x86_64' "
            "machine='q35'>hvm</type></os></domain>")
