@@ -17,6 +17,7 @@ from pathlib import Path
 from agent import imageinfo, qcow2
 from agent.config import Config
 from agent.errors import Conflict, EnvError, HvError, ImageRefused, InputError, NotFound
+from agent.faults import point as fault
 from agent.manifest import Manifest, load_manifest
 from agent.state import ImageRow, ImageState, State
 from agent.version import Track, Version
@@ -70,6 +71,7 @@ class Catalog:
         linked = False
         try:
             digest = _copy_hashing(image, tmp, progress)
+            fault("publish.copied")
             if digest != m.sha256:
                 raise ImageRefused(f"{image}: sha256 {digest} differs from the manifest's {m.sha256}")
             try:
@@ -80,15 +82,18 @@ class Catalog:
                 raise ImageRefused(
                     f"{image}: virtual size {header.size} differs from the manifest's {m.virtual_size}")
             os.chmod(tmp, 0o444)
+            fault("publish.checked")
             try:
                 os.link(tmp, final)  # fails if a concurrent publish already placed this version
             except FileExistsError as e:
                 raise Conflict(f"image {m.ref}: already being published") from e
             linked = True
             _fsync_dir(final.parent)
+            fault("publish.linked")
             row = ImageRow(m.name, m.version, m.family, m.parsed_version.minor, digest, str(final),
                            header.size, ImageState.ACTIVE, m.model_dump(mode="json"), self.state.clock())
             self.state.add_image(row)
+            fault("publish.recorded")
             self.state.event("image.published", f"{m.ref} sha256={digest[:12]} firmware={m.firmware}")
             return row
         except BaseException:

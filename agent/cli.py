@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -21,10 +21,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Ta
 from rich.table import Table
 
 from agent import config as config_mod
-from agent.client import Client
 from agent.errors import HealthError, HvError, InputError, NotFound
 from agent.health import run as ssh_run
 from agent.host import Host
+
+if TYPE_CHECKING:
+    from agent.client import Client
 from agent.rollout import Policy, RetirePolicy, parse_duration, parse_family, parse_max_unavailable
 from agent.spec import load_spec
 from agent.state import RolloutState, host_lock
@@ -60,6 +62,8 @@ class Ctx:
     def client(self) -> Client | None:
         """The running daemon, if one answers on this host's socket; mutations then go through it."""
         if not self._probed:
+            from agent.client import Client  # httpx loads only in the CLI, never in the daemon
+
             self._client = Client.detect(self.cfg())
             self._probed = True
         return self._client
@@ -429,6 +433,18 @@ def rollout_status(
             live.update(_rollout_view(host, False)[1])
             if not host.state.rollouts(active_only=True):
                 break
+
+
+@app.command()
+def recover() -> None:
+    """Finish or undo work a crash interrupted (journal), then finish interrupted rollouts."""
+    with mutating() as host:  # recovers the journal
+        for ro in host.state.rollouts(active_only=True):
+            if ro.state is RolloutState.RUNNING:
+                done = host.rollouts.run(ro.id, _say)
+                _say(f"rollout {done.id} of {done.family_ref}.* -> {done.target}: {done.state}"
+                     + (f" ({done.reason})" if done.reason else ""))
+    out.print("recovered: no interrupted operation left")
 
 
 @app.command()

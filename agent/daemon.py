@@ -95,7 +95,7 @@ class Daemon:
     def host(self) -> Host:
         h: Host | None = getattr(self._local, "host", None)
         if h is None:
-            h = Host(self.cfg)
+            h = Host(self.cfg, libvirt_attempts=8)  # about 16 s: a libvirtd restart is waited out
             self._local.host = h
             with self._hosts_lock:
                 self._hosts.append(h)
@@ -247,6 +247,11 @@ class Daemon:
             self.watch.ensure()
         self._lifecycle_events(host)
         with host_lock(self.cfg.state_dir):
+            if host.state.pending():
+                # Every operation clears its journal entry before it lets go of the lock; an entry
+                # seen here was cut short (libvirtd went away mid-swap, say): finish or undo it now.
+                log.warning(logfmt({"msg": "interrupted operations in the journal; recovering"}))
+                host.recover()
             self.reconcile(host)
             host.rollouts.enforce_retirements(_say)
         if self.stop.is_set():

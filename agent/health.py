@@ -9,11 +9,17 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import paramiko
 import tenacity
 
 from agent.errors import HealthError
+
+if TYPE_CHECKING:
+    import paramiko
+
+# paramiko (and its crypto stack, about 20 MiB resident) loads on the first SSH connection, not
+# with the daemon: an idle host agent does not pay for it.
 
 # A guest that is still booting makes paramiko log a traceback per attempt; health reports the
 # outcome itself (last error kept), so its transport chatter stays out of the operator's terminal.
@@ -36,6 +42,8 @@ class Result:
 
 
 def _client(ep: Endpoint, agent_key: str, timeout: float) -> paramiko.SSHClient:
+    import paramiko
+
     ktype, b64 = ep.host_key.split()[:2]
     client = paramiko.SSHClient()
     key = paramiko.PKey.from_type_string(ktype, base64.b64decode(b64))
@@ -77,6 +85,8 @@ class Check:
 
 def check_once(ep: Endpoint, agent_key: str, expected_version_id: str, command: str | None) -> Check:
     """One health probe: pinned host key, our key accepted, VERSION_ID, optional command."""
+    import paramiko
+
     try:
         r = run(ep, agent_key, "cat /etc/os-release", timeout=20)
     except paramiko.BadHostKeyException:

@@ -21,7 +21,9 @@ from agent.virt import Virt
 
 
 class Host:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, libvirt_attempts: int = 5) -> None:
+        """``libvirt_attempts``: connection retries per call (0.25 s doubling to 4 s between them);
+        the CLI fails fast, the daemon waits out a libvirtd restart."""
         self.cfg = cfg
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -34,7 +36,7 @@ class Host:
                            hint="run as root or set state_dir in the configuration") from e
         self.state = State(cfg.db_path)
         self.catalog = Catalog(cfg, self.state)
-        self.virt = Virt(cfg.libvirt_uri)
+        self.virt = Virt(cfg.libvirt_uri, attempts=libvirt_attempts)
         self.provisioner = Provisioner(cfg, self.state, self.catalog, self.virt, self.accelerator)
         self.swapper = Swapper(cfg, self.state, self.catalog, self.virt, self.provisioner, self.accelerator)
         self.rollouts = Rollouts(cfg, self.state, self.catalog, self.swapper)
@@ -67,6 +69,7 @@ class Host:
         self.catalog.recover()
         self.provisioner.recover()
         self.swapper.recover()
+        self.rollouts.recover()
 
     def accelerator(self) -> DomainType:
         """``auto`` runs a probe guest under KVM once per host boot and caches what it saw."""

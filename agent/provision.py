@@ -20,6 +20,7 @@ from agent.catalog import Catalog
 from agent.config import Config
 from agent.domxml import Disk, Domain, DomainType, Firmware, Metadata, NetworkNic, UserNet
 from agent.errors import Conflict, EnvError, HealthError, InputError, NotFound
+from agent.faults import point as fault
 from agent.health import Endpoint, wait_healthy
 from agent.manifest import Manifest
 from agent.seed import KeyPair, load_or_create_keypair, meta_data, new_ed25519, user_data, write_keypair, write_seed
@@ -100,24 +101,31 @@ class Provisioner:
         data_existed = paths.data.exists()
         intent = self.state.begin("provision", spec.name, {"root": str(paths.root), "data": str(paths.data),
                                                             "data_existed": data_existed})
+        fault("provision.journaled")
         try:
             self.state.add_vm(row)
+            fault("provision.row")
             self.state.event("vm.provisioning", f"{spec.image} -> {image.ref} on {accel}", vm=spec.name)
             paths.root.mkdir(parents=True, mode=0o711)
             os.chmod(self.cfg.vm_dir, 0o711)
             write_keypair(new_ed25519(f"{spec.name} host key"), paths.host_key)
             say(f"{spec.name}: overlay on {image.ref}")
             make_overlay(base, paths.os_disk(image.version))
+            fault("provision.overlay")
             self.write_vm_seed(row, paths)
+            fault("provision.seed")
             if spec.data_disk:
                 if data_existed:
                     say(f"{spec.name}: reusing data disk {paths.data}")
                 else:
                     paths.data.parent.mkdir(mode=0o711, exist_ok=True)
                     proc.run(["qemu-img", "create", "-q", "-f", "qcow2", paths.data, f"{spec.data_disk}G"])
+                fault("provision.data-disk")
             self.virt.define(self.domain(row, manifest, accel))
+            fault("provision.defined")
             if start:
                 self.virt.start(spec.name)
+                fault("provision.started")
             else:
                 self.state.update_vm(spec.name, state=VmState.STOPPED, reason="created stopped")
         except BaseException:
@@ -223,12 +231,15 @@ class Provisioner:
         intent = self.state.begin("destroy", name, {"root": str(paths.root), "purge": purge})
         self.state.update_vm(name, state=VmState.DESTROYING)
         self.state.event("vm.destroying", "purge data disk" if purge else "data disk kept", vm=name)
+        fault("destroy.journaled")
         if self.virt.is_managed(name):
             self.virt.destroy(name)
             self.virt.undefine(name)
+        fault("destroy.domain-gone")
         shutil.rmtree(paths.root, ignore_errors=True)
         if purge:
             paths.data.unlink(missing_ok=True)
+        fault("destroy.files-gone")
         self.state.delete_vm(row.name)
         self.state.event("vm.gone", "destroyed" + (" and purged" if purge else ""), vm=name)
         self.state.done(intent)

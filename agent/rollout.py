@@ -19,6 +19,7 @@ from pathlib import Path
 from agent.catalog import Catalog
 from agent.config import Config
 from agent.errors import Conflict, InputError, NotFound
+from agent.faults import point as fault
 from agent.provision import VmPaths
 from agent.state import ImageRow, ImageState, Retirement, RolloutRow, RolloutState, State, StepState, VmRow
 from agent.swap import Swapper
@@ -193,6 +194,22 @@ class Rollouts:
             self.state.event("rollout.halted", f"{ro.family_ref}.* -> {ro.target} halted: {reason}")
         return True
 
+    def recover(self) -> None:
+        """Steps a crash left ``swapping``: done if the VM reached the target, else pending again.
+
+        Call after ``Swapper.recover`` has settled each VM (committed or rolled back).
+        """
+        for ro in self.state.rollouts(active_only=True):
+            for s in self.state.steps(ro.id):
+                if s.state is not StepState.SWAPPING:
+                    continue
+                vm = self.state.vm(s.vm)
+                if vm is not None and vm.version == ro.target:
+                    self.state.set_step(ro.id, s.vm, StepState.DONE, finished_at=self.clock())
+                else:
+                    self.state.set_step(ro.id, s.vm, StepState.PENDING)
+                self.state.event("rollout.recovered", f"rollout {ro.id}: step of {s.vm} settled after a crash")
+
     def _find(self, family: str | None) -> RolloutRow:
         if family is not None:
             name, major = parse_family(family)
@@ -237,6 +254,7 @@ class Rollouts:
         now = self.clock()
         r = Retirement(image.name, image.version, now, now + grace, policy.value)
         self.state.retire(r)
+        fault("retire.recorded")
         self.state.event("image.retired", f"{ref}: no new pins; grace {grace:.0f}s, policy {policy}")
         for vm in self.pinned_to(image):
             self.state.event("vm.warning", f"pinned to retired {ref}; " + (
@@ -305,7 +323,9 @@ class Rollouts:
                 if (r.name, r.version) in used or (r.name, r.version) in on_disk:
                     continue
                 intent = self.state.begin("gc", r.ref, {"path": r.path})
+                fault("gc.journaled")
                 self.state.delete_image(r.name, r.version)
+                fault("gc.row-deleted")
                 Path(r.path).unlink(missing_ok=True)
                 self.state.done(intent)
                 removed.append(r.ref)

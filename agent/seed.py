@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pycdlib
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -79,6 +78,8 @@ def user_data(authorized_keys: list[str], host_key: KeyPair, hostname: str) -> s
 
 def write_seed(path: Path, meta: str, user: str) -> None:
     """An ISO 9660 volume labelled cidata with Rock Ridge and Joliet names, written atomically."""
+    import pycdlib  # loaded when a seed is written, not with the daemon
+
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
     for iso_name, name, text in (("/METADATA.;1", "meta-data", meta), ("/USERDATA.;1", "user-data", user)):

@@ -23,6 +23,7 @@ from agent.catalog import Catalog
 from agent.config import Config
 from agent.domxml import DomainType
 from agent.errors import HealthError, HvError, InputError
+from agent.faults import point as fault
 from agent.health import Endpoint, wait_healthy
 from agent.manifest import Manifest
 from agent.provision import Provisioner, VmPaths, make_overlay
@@ -52,6 +53,7 @@ class _Job:
     new: VmRow
     intent: int
     t_down: float = 0.0
+    t_up: float | None = None  # when this VM passed its health check (stamped in its own thread)
 
 
 class Swapper:
@@ -87,6 +89,7 @@ class Swapper:
             self.state.update_vm(name, state=VmState.SWAPPING, reason=None)
             self.state.event("swap.start", f"{old.image}-{old.version} -> {target.ref}", vm=name)
             jobs.append(_Job(old, new, intent))
+        fault("swap.journaled")
 
         # 1. while the old OS still serves: the new overlay and a seed with the new instance-id
         outcomes: list[Outcome] = []
@@ -96,6 +99,7 @@ class Swapper:
                 make_overlay(base, VmPaths.of(self.cfg, job.old.name).os_disk(target.version))
                 self.prov.write_vm_seed(job.new, VmPaths.of(self.cfg, job.old.name))
                 prepared.append(job)
+                fault("swap.prepared")
             except HvError as e:
                 outcomes.append(self._rollback(job, target, f"could not prepare {target.ref}: {e.message}"))
         # 2. graceful shutdown of the whole batch (ACPI, then force after the timeout)
@@ -103,6 +107,7 @@ class Swapper:
         for job in prepared:
             job.t_down = self._clock()
         self._shutdown_all([j.old.name for j in prepared])
+        fault("swap.shutoff")
         for job in prepared:
             self.state.event("swap.shutoff", f"off after {self._clock() - job.t_down:.1f}s", vm=job.old.name)
         # 3. the same identity on the new disk; start
@@ -110,7 +115,9 @@ class Swapper:
         for job in prepared:
             try:
                 self.virt.define(self.prov.domain(job.new, manifest, accel))
+                fault("swap.defined")
                 self.virt.start(job.old.name)
+                fault("swap.started")
                 self.state.event("swap.booting", f"started on {target.ref}", vm=job.old.name)
                 started.append(job)
             except HvError as e:
@@ -118,7 +125,8 @@ class Swapper:
         # 4. health of every started VM, in parallel
         say(f"booting {', '.join(j.old.name for j in started)} on {target.ref}, waiting for health")
         checks = self._health_all(started, manifest.expected_version_id)
-        for job, error in zip(started, checks, strict=True):
+        for job, (error, t_up) in zip(started, checks, strict=True):
+            job.t_up = t_up
             if error is None:
                 outcomes.append(self._commit(job, target))
             else:
@@ -142,18 +150,22 @@ class Swapper:
                              vm=name)
             self.virt.destroy(name)
 
-    def _health_all(self, jobs: list[_Job], expected: str) -> list[str | None]:
-        """None for each healthy VM, else the reason. SSH only: no database access in threads."""
+    def _health_all(self, jobs: list[_Job], expected: str) -> list[tuple[str | None, float]]:
+        """For each VM: None when healthy, else the reason; and when it was decided.
+
+        SSH only: no database access in threads. Each VM's time is its own, so a batch's fast
+        VMs do not inherit the downtime of its slowest.
+        """
         key = self.prov.agent_key.private
         probes = [(self.prov.endpoint(j.new), VmSpec.model_validate(j.new.spec).health) for j in jobs]
 
-        def one(probe: tuple[Endpoint, HealthSpec]) -> str | None:
+        def one(probe: tuple[Endpoint, HealthSpec]) -> tuple[str | None, float]:
             endpoint, check = probe
             try:
                 wait_healthy(endpoint, key, expected, check.command, check.timeout)
             except HealthError as e:
-                return e.message
-            return None
+                return e.message, self._clock()
+            return None, self._clock()
 
         if not jobs:
             return []
@@ -162,9 +174,10 @@ class Swapper:
 
     def _commit(self, job: _Job, target: ImageRow) -> Outcome:
         name = job.old.name
-        downtime = self._clock() - job.t_down
+        downtime = (job.t_up or self._clock()) - job.t_down
         self.state.update_vm(name, version=target.version, instance_id=job.new.instance_id,
                              state=VmState.RUNNING, reason=None)
+        fault("swap.committed")
         paths = VmPaths.of(self.cfg, name)
         if job.old.version != target.version:
             paths.os_disk(job.old.version).unlink(missing_ok=True)
@@ -180,6 +193,7 @@ class Swapper:
         self.state.update_vm(name, state=VmState.ROLLING_BACK, reason=reason)
         self.state.set_image_state(target.name, target.version, ImageState.BAD)
         self.state.event("image.bad", f"{target.ref} failed health on {name}: {reason}")
+        fault("rollback.marked")
         t0 = self._clock()
         healthy = self._restore(job.old, target.version)
         self.state.done(job.intent)
@@ -203,6 +217,7 @@ class Swapper:
         manifest = Manifest.model_validate(image.manifest)
         self.prov.write_vm_seed(old, paths)
         self.virt.define(self.prov.domain(old, manifest, self._accel()))
+        fault("rollback.defined")
         if failed_version != old.version:
             paths.os_disk(failed_version).unlink(missing_ok=True)
         self.virt.start(name)

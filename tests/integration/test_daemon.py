@@ -353,3 +353,64 @@ def _wait_running(name: str, timeout: float = 30) -> None:
     while time.monotonic() < deadline and _domstate(name) != "running":
         time.sleep(0.5)
     time.sleep(8)  # let the guest reach its init before the next disruption
+
+
+# -- libvirtd dies mid-rollout -----------------------------------------------------------------
+def _libvirtd_pid() -> int | None:
+    r = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True)
+    return int(r.stdout.split()[0]) if r.returncode == 0 else None
+
+
+def _ensure_libvirtd() -> None:
+    if _libvirtd_pid() is None:
+        subprocess.run(["libvirtd", "-d"], check=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if subprocess.run(["virsh", "version"], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.5)
+
+
+def test_libvirtd_dies_mid_rollout_and_the_daemon_finishes_it(daemon: Daemon) -> None:
+    """Two batches; libvirtd is killed while the first boots and stays down for 10 s."""
+    publish(daemon, "tiny-1.0")
+    key = new_ed25519("alice")
+    for name in ("lv-a", "lv-b"):
+        r = daemon.call("ops", "POST", "/v1/vms", json={"name": name, "owner": "alice", "image": "tiny-1.*",
+                                                       "ssh_keys": [key.public]})
+        assert r.status_code == 202, r.text
+    for name in ("lv-a", "lv-b"):
+        assert daemon.wait_vm("ops", name, ("running", "failed"))["state"] == "running"
+    files = {"image": ("tiny-1.1.qcow2", image("tiny-1.1").read_bytes()),
+             "manifest": ("tiny-1.1.yaml", image("tiny-1.1").with_suffix(".yaml").read_bytes())}
+    r = daemon.call("ops", "POST", "/v1/images", files=files)
+    assert r.status_code == 201, r.text
+    rid = r.json()["rollout"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        kinds = [e["kind"] for e in daemon.call("ops", "GET", "/v1/events").json()]
+        if "swap.booting" in kinds:
+            break
+        time.sleep(0.2)
+    pid = _libvirtd_pid()
+    assert pid is not None
+    try:
+        os.kill(pid, 9)
+        time.sleep(10)
+    finally:
+        _ensure_libvirtd()
+    deadline = time.monotonic() + 300
+    ro: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        ro = daemon.call("ops", "GET", f"/v1/rollouts/{rid}").json()
+        if ro["state"] != "running":
+            break
+        time.sleep(1)
+    assert ro["state"] == "done", ro
+    events = daemon.call("ops", "GET", "/v1/events").json()
+    for name in ("lv-a", "lv-b"):
+        vm = daemon.call("ops", "GET", f"/v1/vms/{name}").json()
+        assert (vm["version"], vm["state"]) == ("1.1", "running"), vm
+        assert [e["kind"] for e in events if e["vm"] == name].count("swap.done") == 1  # no VM swapped twice
+        r = cli(daemon, "ssh", name, "--", "cat /etc/os-release")
+        assert "VERSION_ID=1.1" in r.stdout, r.stdout + r.stderr
