@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
 from agent import __version__
@@ -69,7 +69,7 @@ class RetireRequest(BaseModel):
 
 class GcRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    keep: int | None = Field(None, ge=1, le=1000)
+    keep: StrictInt | None = Field(None, ge=1, le=1000)
 
 
 class RolloutRequest(BaseModel):
