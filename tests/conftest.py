@@ -44,17 +44,22 @@ def cfg(state_dir: Path) -> config_mod.Config:
     return config_mod.load(None, state_dir=state_dir, port_min=22300, port_max=22399, health_timeout=90.0)
 
 
-@pytest.fixture
-def host(cfg: config_mod.Config) -> Iterator[Host]:
-    h = Host(cfg)
-    yield h
-    with host_lock(cfg.state_dir):
+def destroy_all(h: Host) -> None:
+    """Remove every VM of this host's state, purging data disks; then close it."""
+    with host_lock(h.cfg.state_dir):
         for vm in h.state.vms():
             try:
                 h.provisioner.destroy(vm.name, purge=True)
             except Exception as e:  # keep cleaning the others
                 print(f"cleanup of {vm.name} failed: {e}")
     h.close()
+
+
+@pytest.fixture
+def host(cfg: config_mod.Config) -> Iterator[Host]:
+    h = Host(cfg)
+    yield h
+    destroy_all(h)
 
 
 @pytest.fixture

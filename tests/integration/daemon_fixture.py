@@ -20,8 +20,7 @@ import yaml
 from agent import config as config_mod
 from agent.daemon import token_hash
 from agent.host import Host
-from agent.state import host_lock
-from tests.conftest import ROOT
+from tests.conftest import ROOT, destroy_all
 
 EXE = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "hvagent"
 
@@ -109,7 +108,7 @@ def start_daemon(state_dir: Path, extra: dict[str, Any] | None = None,
     """With ``systemd`` False the daemon runs as by hand: no NOTIFY_SOCKET, readiness from /healthz."""
     tokens = {who: secrets.token_urlsafe(24) for who in ("ops", "alice", "bob", "expired")}
     quotas = quotas or {}
-    entries = [{"name": "ops", "role": "admin", "sha256": token_hash(tokens["ops"])}]
+    entries: list[dict[str, Any]] = [{"name": "ops", "role": "admin", "sha256": token_hash(tokens["ops"])}]
     for who in ("alice", "bob"):
         entries.append({"name": who, "role": "tenant", "sha256": token_hash(tokens[who]),
                         "quota": quotas.get(who, {"vms": 2, "cpus": 2, "memory": 1024})})
@@ -158,15 +157,7 @@ def stop_daemon(d: Daemon) -> None:
         d.proc.kill()
         d.proc.wait()
     d.notify.close()
-    cfg = config_mod.load(d.state_dir / "config.yaml")
-    host = Host(cfg)
-    with host_lock(cfg.state_dir):
-        for vm in host.state.vms():
-            try:
-                host.provisioner.destroy(vm.name, purge=True)
-            except Exception as e:  # keep cleaning the others
-                print(f"cleanup of {vm.name} failed: {e}")
-    host.close()
+    destroy_all(Host(config_mod.load(d.state_dir / "config.yaml")))
 
 
 def daemon_fixture(state_dir: Path, **kw: Any) -> Iterator[Daemon]:

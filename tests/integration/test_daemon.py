@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -87,7 +88,7 @@ def test_ready_watchdog_logs_and_sigterm(daemon: Daemon) -> None:
 
 # -- API input ---------------------------------------------------------------------------------
 KEY = new_ed25519("valid").public
-BAD_REQUESTS: list[tuple[str | None, str, str, dict[str, object], int, str]] = [
+BAD_REQUESTS: list[tuple[str | None, str, str, dict[str, Any], int, str]] = [
     (None, "GET", "/v1/vms", {}, 401, "missing bearer token"),
     ("nobody", "GET", "/v1/vms", {}, 401, "unknown token"),
     ("expired", "GET", "/v1/vms", {}, 401, "token expired"),
@@ -200,7 +201,7 @@ def test_tenant_reaches_its_guest_and_nothing_else(daemon: Daemon) -> None:
     publish(daemon, "tiny-1.0")
     key = new_ed25519("alice")
     pkey = paramiko.Ed25519Key.from_private_key_file(_write_key(daemon.state_dir, key.private))
-    body = {"name": "alice-vm", "image": "tiny-1.*", "ssh_keys": [key.public], "restart": "always"}
+    body: dict[str, Any] = {"name": "alice-vm", "image": "tiny-1.*", "ssh_keys": [key.public], "restart": "always"}
     r = daemon.call("alice", "POST", "/v1/vms", json=body)
     assert r.status_code == 202, r.text
     assert r.json()["owner"] == "alice" and "uuid" not in r.json()
@@ -210,7 +211,8 @@ def test_tenant_reaches_its_guest_and_nothing_else(daemon: Daemon) -> None:
     assert "VERSION_ID=1.0" in guest(port, pkey, "cat /etc/os-release")
 
     # another tenant: every attempt is the same 404 as for a VM that does not exist
-    attempts = [("GET", "/v1/vms/alice-vm", {}), ("GET", "/v1/vms/alice-vm/console", {}),
+    attempts: list[tuple[str, str, dict[str, Any]]] = [
+                ("GET", "/v1/vms/alice-vm", {}), ("GET", "/v1/vms/alice-vm/console", {}),
                 ("POST", "/v1/vms/alice-vm/stop", {}), ("POST", "/v1/vms/alice-vm/start", {}),
                 ("POST", "/v1/vms/alice-vm/reboot", {}), ("DELETE", "/v1/vms/alice-vm", {}),
                 ("DELETE", "/v1/vms/alice-vm", {"params": {"purge": "true"}}),
@@ -426,5 +428,5 @@ def test_libvirtd_dies_mid_rollout_and_the_daemon_finishes_it(daemon: Daemon) ->
         vm = daemon.call("ops", "GET", f"/v1/vms/{name}").json()
         assert (vm["version"], vm["state"]) == ("1.1", "running"), vm
         assert [e["kind"] for e in events if e["vm"] == name].count("swap.done") == 1  # no VM swapped twice
-        r = cli(daemon, "ssh", name, "--", "cat /etc/os-release")
-        assert "VERSION_ID=1.1" in r.stdout, r.stdout + r.stderr
+        shown = cli(daemon, "ssh", name, "--", "cat /etc/os-release")
+        assert "VERSION_ID=1.1" in shown.stdout, shown.stdout + shown.stderr
