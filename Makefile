@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON := $(abspath $(PY))
 export PYTHON
 
-.PHONY: all host venv images demo test test-unit test-integration lint bench clean
+.PHONY: all host venv images demo test test-unit test-integration lint bench clean bundle bundle-debs host-container
 
 all: test
 
@@ -41,6 +41,26 @@ bench: venv images-tiny
 lint: venv
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/mypy
+	cd ansible && ../$(VENV)/bin/ansible-lint --offline -q
+
+# What the Ansible role installs hosts from (build/bundle): wheels; debs for air-gapped hosts.
+bundle: venv
+	ansible/build-bundle
+bundle-debs: venv
+	ansible/build-bundle --debs
+
+# The Docker fleet's bare Debian 12 host image (docker import of an mmdebstrap tree).
+host-container: host
+	images/build-host-container
 
 clean:
 	rm -rf $(VENV) images/cache/out
+
+# The Vagrant lab (README: Lab): hypervisor hosts hv1..hvN in the network namespace `hvlab`
+# with a libvirtd of their own, provisioned by ansible/site.yml; then a guest on hv1.
+.PHONY: lab lab-destroy
+lab: venv bundle images-host-box images-tiny
+	bash lab/up
+
+lab-destroy:
+	bash lab/destroy

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Ta
 from rich.table import Table
 
 from agent import config as config_mod
-from agent.errors import HealthError, HvError, InputError, NotFound
+from agent.errors import EnvError, HealthError, HvError, InputError, NotFound
 from agent.health import run as ssh_run
 from agent.host import Host
 
@@ -454,6 +454,38 @@ def serve() -> None:
 
     cfg = CTX.cfg()
     raise typer.Exit(Daemon(cfg).serve())
+
+
+config_app = typer.Typer(no_args_is_help=True, help="The configuration file.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("check")
+def config_check(as_json: Annotated[bool, typer.Option("--json", help="print the settings in effect")] = False,
+                 ) -> None:
+    """Load and validate the configuration (exit 2 naming the bad field); used before a file is replaced."""
+    cfg = CTX.cfg()
+    if as_json:
+        _emit_json(cfg.model_dump(mode="json", exclude={"api": {"tokens"}}))
+        return
+    env = os.environ.get("HVAGENT_CONFIG")
+    source = CTX.config or (Path(env) if env else None) or config_mod.DEFAULT_CONFIG
+    out.print(f"{source}: ok" if source.exists() else "no configuration file: the defaults are in effect",
+              markup=False, highlight=False)
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """Whether the daemon answers on its socket, and what it reports of this host; exit 1 if it does not."""
+    c = CTX.client()
+    if c is None:
+        raise EnvError(f"hvagent daemon: not answering on {CTX.cfg().api.socket}")
+    facts = c.request("GET", "/v1/host")
+    if as_json:
+        _emit_json({"daemon": "running", **facts})
+        return
+    out.print(f"daemon running (hvagent {facts['version']}, accelerator {facts['accelerator']}) on {c.socket}",
+              markup=False, highlight=False)
 
 
 token_app = typer.Typer(no_args_is_help=True, help="API tokens.")

@@ -39,3 +39,16 @@ $(foreach i,$(TINY_SET),$(eval $(call tiny_rule,$(i))))
 $(IMAGES_OUT)/debian-12.0.qcow2: $(CLOUD_INPUTS) | $(IMAGES_OUT) $(VENV)/.installed
 	rm -f $@ $(@:.qcow2=.yaml)
 	PYTHON=$(PYTHON) bash images/build-cloud --version 12.0 --out $(IMAGES_OUT)
+
+# The lab's hypervisor host (a vagrant-libvirt box of Debian 12 with hvagent's packages):
+# `make images-host-box`, rebuilt when its build script or the role's package list changes.
+# Not part of `make images`.
+HOST_BOX := $(IMAGES_OUT)/hvhost-bookworm.box
+HOST_BOX_INPUTS := images/build-host-box $(wildcard ansible/roles/hvagent/defaults/main.yml)
+
+.PHONY: images-host-box
+images-host-box: $(HOST_BOX)
+
+$(HOST_BOX): $(HOST_BOX_INPUTS) | $(IMAGES_OUT) $(VENV)/.installed
+	rm -f $@
+	bash images/build-host-box --out $(IMAGES_OUT)
