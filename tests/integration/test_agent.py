@@ -195,3 +195,19 @@ def test_unwritable_state_dir_and_libvirtd_down(state_dir: Path) -> None:
     assert "cannot connect" in r.stderr and "libvirtd -d" in r.stderr
     assert json.loads(subprocess.run([str(Path(".venv/bin/hvagent").resolve()), "--config", str(cfgf), "ps",
                                       "--json"], capture_output=True, text=True).stdout) == []
+
+
+def test_config_check_names_the_bad_field_and_status_says_no_daemon(tmp_path: Path) -> None:
+    good = hvagent(tmp_path, "config", "check")  # writes a valid config.yaml first
+    assert good.returncode == 0 and good.stdout.strip() == f"{tmp_path / 'config.yaml'}: ok", good.stderr
+    shown = json.loads(hvagent(tmp_path, "config", "check", "--json", check=True).stdout)
+    assert shown["state_dir"] == str(tmp_path) and shown["port_min"] == 22400
+    bad = [("port_min: 80\n", "port_min"), ("bogus: 1\n", "bogus"), ("api: {tcp: '0.0.0.0:80'}\n", "api.tcp"),
+           ("- a list\n", "must be a mapping")]
+    for text, needle in bad:
+        (tmp_path / "config.yaml").write_text(text)
+        r = hvagent(tmp_path, "config", "check")
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, (text, r.stderr)
+    (tmp_path / "config.yaml").write_text(f"state_dir: {tmp_path}\napi: {{socket: {tmp_path / 'api.sock'}}}\n")
+    r = hvagent(tmp_path, "status")
+    assert r.returncode == 1 and "not answering" in r.stderr
