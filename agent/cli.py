@@ -468,9 +468,8 @@ def config_check(as_json: Annotated[bool, typer.Option("--json", help="print the
     if as_json:
         _emit_json(cfg.model_dump(mode="json", exclude={"api": {"tokens"}}))
         return
-    env = os.environ.get("HVAGENT_CONFIG")
-    source = CTX.config or (Path(env) if env else None) or config_mod.DEFAULT_CONFIG
-    out.print(f"{source}: ok" if source.exists() else "no configuration file: the defaults are in effect",
+    source = config_mod.config_file(CTX.config)
+    out.print(f"{source}: ok" if source else "no configuration file: the defaults are in effect",
               markup=False, highlight=False)
 
 

@@ -122,10 +122,15 @@ class Config(BaseModel):
         return self.ssh_key or self.state_dir / "id_ed25519"
 
 
+def config_file(path: Path | None = None) -> Path | None:
+    """The configuration file in effect: PATH, else $HVAGENT_CONFIG, else /etc/hvagent/config.yaml if it exists."""
+    env = os.environ.get("HVAGENT_CONFIG")
+    return path or (Path(env) if env else None) or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+
+
 def load(path: Path | None = None, **overrides: object) -> Config:
     """Read the configuration file (if any), then apply non-None overrides."""
-    env = os.environ.get("HVAGENT_CONFIG")
-    source = path or (Path(env) if env else None) or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    source = config_file(path)
     data: dict[str, object] = {}
     if source is not None:
         try:

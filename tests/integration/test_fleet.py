@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from agent.seed import KeyPair
+
 pytestmark = [pytest.mark.fleet, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,14 +172,6 @@ vms:
 """
 
 
-def tenant_key() -> str:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    pub = Ed25519PrivateKey.generate().public_key()
-    return pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-
-
 def _events(fleet: Fleet, host: str, kind: str) -> list[dict[str, Any]]:
     return [e for e in fleet.hv(host, "events") if e["kind"] == kind]
 
@@ -202,10 +196,10 @@ def test_site_installs_every_air_gapped_host_and_a_second_run_changes_nothing(fl
     assert {h: second.recap[h]["changed"] for h in HOSTS} == dict.fromkeys(HOSTS, 0), second.output[-3000:]
 
 
-def test_rollout_walks_hosts_in_order_and_leaves_pinned_vms(fleet: Fleet) -> None:
+def test_rollout_walks_hosts_in_order_and_leaves_pinned_vms(fleet: Fleet, tenant_key: KeyPair) -> None:
     first = fleet.playbook("rollout.yml", "-e", f"image={IMAGES / 'tiny-1.0.qcow2'}")
     assert first.rc == 0, first.output[-3000:]
-    key = tenant_key()
+    key = tenant_key.public
 
     def apply(h: str) -> str:
         return fleet.sh(h, "cat > /tmp/spec.yaml && hvagent apply /tmp/spec.yaml", stdin=SPEC.format(key=key))
