@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +29,9 @@ class Host:
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(cfg.state_dir, 0o711)  # QEMU (unprivileged) must traverse to its disks
-            probe = cfg.state_dir / ".writable"
-            probe.touch()
-            probe.unlink()
+            # a file of its own per probe: the daemon's threads each build a Host, at once
+            with tempfile.TemporaryFile(dir=cfg.state_dir):
+                pass
         except OSError as e:
             raise EnvError(f"{cfg.state_dir}: state directory is not writable ({e.strerror})",
                            hint="run as root or set state_dir in the configuration") from e
