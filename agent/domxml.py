@@ -7,6 +7,7 @@ the serializer (invariant 7). The ``hv`` metadata namespace marks a domain as ou
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import re
 import uuid as uuidlib
@@ -28,6 +29,8 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 USERNET_ID = "hvnet0"
 # A fixed slot on the root bus that libvirt's own address assignment leaves free.
 USERNET_ADDR = "0x10"
+# The nwfilter every interface on a libvirt network or bridge references (GuestFilter).
+GUEST_FILTER = "hvagent-guest"
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _TARGET_RE = re.compile(r"^vd[a-z]{1,2}$")
@@ -212,11 +215,16 @@ class UserNet:
 
 @dataclass(frozen=True)
 class NetworkNic:
-    """A regular libvirt interface on a named network or a host bridge (exactly one)."""
+    """A regular libvirt interface on a named network or a host bridge (exactly one).
+
+    ``filter`` names the nwfilter the interface references; hvagent's domains always use
+    :data:`GUEST_FILTER` (see :class:`GuestFilter`), None is only for parsing foreign XML.
+    """
 
     mac: str
     network: str | None = None
     bridge: str | None = None
+    filter: str | None = GUEST_FILTER
 
     def __post_init__(self) -> None:
         _check_mac(self.mac)
@@ -232,16 +240,76 @@ class NetworkNic:
         else:
             _sub(iface, "source", bridge=str(self.bridge))
         _sub(iface, "model", type="virtio")
+        if self.filter is not None:
+            _sub(iface, "filterref", filter=self.filter)
         return iface
 
     @classmethod
     def parse(cls, el: ET.Element) -> Self:
         source = _find(el, "source", "interface/source")
+        filterref = el.find("filterref")
         return cls(
             mac=_attr(_find(el, "mac", "interface/mac"), "address", "interface/mac"),
             network=source.get("network"),
             bridge=source.get("bridge"),
+            filter=filterref.get("filter") if filterref is not None else None,
         )
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# What a guest may still reach on the host's own addresses: the network's DHCP and DNS
+# (libvirt's dnsmasq listens there); IPv6 also keeps ICMPv6 for neighbour discovery.
+# nwfilter's protocol elements per address family: (tcp, udp, icmp, any).
+_PROTOCOLS = {4: ("tcp", "udp", None, "all"), 6: ("tcp-ipv6", "udp-ipv6", "icmpv6", "all-ipv6")}
+_HOST_SERVICES = {4: (("udp", 53), ("tcp", 53), ("udp", 67)), 6: (("udp", 53), ("tcp", 53), ("udp", 547))}
+
+
+@dataclass(frozen=True)
+class GuestFilter:
+    """The libvirt nwfilter for guests on a network or bridge: no connection to the host.
+
+    QEMU user networking gets the same promise from ``restrict=on`` (invariant 8). On a bridge,
+    a connection the guest opens to any of the host's own addresses (or to loopback) is dropped
+    at its tap device, except DHCP and DNS; replies to connections the host opened (hvagent's
+    health checks) still pass, as conntrack sees them ESTABLISHED. The guest's source MAC must be
+    its own (libvirt's ``no-mac-spoofing``). Traffic to other machines on the network is
+    untouched. libvirt applies these rules with iptables on the host-in chain, which needs
+    ``net.bridge.bridge-nf-call-iptables=1`` (and ``-ip6tables``). Redefining the filter updates
+    the rules of running guests.
+    """
+
+    host_addresses: tuple[IPAddress, ...]
+    name: str = GUEST_FILTER
+
+    def element(self) -> ET.Element:
+        root = ET.Element("filter", {"name": self.name, "chain": "root"})
+        # A fixed UUID: libvirt refuses a redefinition under the same name with another one.
+        _sub(root, "uuid", str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"{HV_NS}#{self.name}")))
+        for addr in self.host_addresses:
+            if addr.is_loopback:
+                continue  # one rule per range below
+            tcp, udp, icmp, any_ = _PROTOCOLS[addr.version]
+            for l4, port in _HOST_SERVICES[addr.version]:
+                self._rule(root, "accept", 100, tcp if l4 == "tcp" else udp, dstipaddr=str(addr),
+                           dstportstart=str(port), dstportend=str(port))
+            if icmp is not None:
+                self._rule(root, "accept", 100, icmp, dstipaddr=str(addr))
+            self._rule(root, "drop", 200, any_, dstipaddr=str(addr), state="NEW")
+        self._rule(root, "drop", 200, "all", dstipaddr="127.0.0.0", dstipmask="8")
+        self._rule(root, "drop", 200, "all-ipv6", dstipaddr="::1")
+        _sub(root, "filterref", filter="no-mac-spoofing")
+        return root
+
+    @staticmethod
+    def _rule(root: ET.Element, action: str, priority: int, proto: str, **match: str) -> None:
+        rule = _sub(root, "rule", action=action, direction="out", priority=str(priority))
+        _sub(rule, proto, **match)
+
+
+def filter_xml(f: GuestFilter) -> str:
+    root = f.element()
+    ET.indent(root, space="  ")
+    return ET.tostring(root, encoding="unicode") + "\n"
 
 
 _META_FIELDS = ("owner", "track", "image", "version", "instance_id", "host_port", "spec_hash")

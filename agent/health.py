@@ -8,7 +8,7 @@ import logging
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import tenacity
@@ -32,6 +32,8 @@ class Endpoint:
     port: int
     user: str
     host_key: str  # "ssh-ed25519 AAAA... [comment]": the only key the guest may present
+    # For a guest on a network or bridge: its address, once known (a DHCP lease); None until then.
+    locate: Callable[[], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,20 @@ def wait_healthy(ep: Endpoint, agent_key: str, expected_version_id: str, command
         sleep=sleep,
         retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
     )
-    last = retrying(check_once, ep, agent_key, expected_version_id, command)
+    target = ep
+
+    def probe() -> Check:
+        nonlocal target
+        if target.locate is not None:
+            address = target.locate()
+            if address is None:
+                return Check(False, "no address yet (waiting for the guest's DHCP lease)")
+            target = replace(target, host=address, locate=None)
+        return check_once(target, agent_key, expected_version_id, command)
+
+    last = retrying(probe)
     if last is None or not last.ok:
         reason = last.reason if last else "not probed"
-        raise HealthError(f"{ep.host}:{ep.port}: not healthy within {timeout:.0f}s: {reason}")
+        where = f"{target.host}:{target.port}" if target.host else "guest"
+        raise HealthError(f"{where}: not healthy within {timeout:.0f}s: {reason}")
     return last

@@ -6,6 +6,7 @@ journal first; ``recover`` undoes whatever an interrupted one left behind.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -22,6 +23,7 @@ from agent.domxml import Disk, Domain, DomainType, Firmware, Metadata, NetworkNi
 from agent.errors import Conflict, EnvError, HealthError, InputError, NotFound
 from agent.faults import point as fault
 from agent.health import Endpoint, wait_healthy
+from agent.hostnet import require_bridge_filtering
 from agent.manifest import Manifest
 from agent.seed import KeyPair, load_or_create_keypair, meta_data, new_ed25519, user_data, write_keypair, write_seed
 from agent.spec import NetMode, VmSpec
@@ -93,6 +95,8 @@ class Provisioner:
         accel = self._accel()
         paths = VmPaths.of(self.cfg, spec.name)
         port = self._free_port() if spec.network.mode is NetMode.USER else None
+        if spec.network.mode is NetMode.NETWORK:
+            require_bridge_filtering()
         vm_uuid = str(uuid.uuid4())
         now = self.state.clock()
         row = VmRow(spec.name, spec.owner, spec.image, image.name, image.version, VmState.PROVISIONING, None,
@@ -145,7 +149,7 @@ class Provisioner:
         spec = VmSpec.model_validate(row.spec)
         started = self.state.clock()
         try:
-            wait_healthy(self.endpoint(row), self.agent_key.private, manifest.expected_version_id,
+            wait_healthy(self.endpoint(row, wait=True), self.agent_key.private, manifest.expected_version_id,
                          spec.health.command, spec.health.timeout)
         except HealthError as e:
             if self.state.vm(name) is None:
@@ -261,9 +265,13 @@ class Provisioner:
             self.state.done(it.id)
 
     # helpers -------------------------------------------------------------------------------
-    def endpoint(self, row: VmRow) -> Endpoint:
+    def endpoint(self, row: VmRow, wait: bool = False) -> Endpoint:
+        """Where the guest's SSH answers. On a network or bridge the address comes from libvirt; with
+        ``wait`` (health after a boot) it may be unknown yet and is looked up on each probe."""
         manifest = Manifest.model_validate(self._image(row).manifest)
         pub = (VmPaths.of(self.cfg, row.name).root / "ssh_host_ed25519_key.pub").read_text().strip()
+        if row.host_port is None and wait:
+            return Endpoint("", 22, manifest.ssh_user, pub, locate=functools.partial(self.virt.guest_address, row.name))
         if row.host_port is None:
             address = self.virt.guest_address(row.name)
             if address is None:

@@ -157,7 +157,7 @@ class Swapper:
         VMs do not inherit the downtime of its slowest.
         """
         key = self.prov.agent_key.private
-        probes = [(self.prov.endpoint(j.new), VmSpec.model_validate(j.new.spec).health) for j in jobs]
+        probes = [(self.prov.endpoint(j.new, wait=True), VmSpec.model_validate(j.new.spec).health) for j in jobs]
 
         def one(probe: tuple[Endpoint, HealthSpec]) -> tuple[str | None, float]:
             endpoint, check = probe
@@ -223,7 +223,7 @@ class Swapper:
         self.virt.start(name)
         spec = VmSpec.model_validate(old.spec)
         try:
-            wait_healthy(self.prov.endpoint(old), self.prov.agent_key.private, manifest.expected_version_id,
+            wait_healthy(self.prov.endpoint(old, wait=True), self.prov.agent_key.private, manifest.expected_version_id,
                          spec.health.command, spec.health.timeout)
         except HealthError as e:
             return e.message

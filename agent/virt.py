@@ -23,8 +23,21 @@ from typing import Any, TypeVar
 import libvirt
 import tenacity
 
-from agent.domxml import HV_NS, Domain, DomainType, Firmware, Metadata, metadata_from_element, to_xml
+from agent.domxml import (
+    GUEST_FILTER,
+    HV_NS,
+    Domain,
+    DomainType,
+    Firmware,
+    GuestFilter,
+    Metadata,
+    NetworkNic,
+    filter_xml,
+    metadata_from_element,
+    to_xml,
+)
 from agent.errors import Conflict, EnvError, NotFound
+from agent.hostnet import guest_filter
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +247,13 @@ class Virt:
     # -- operations -----------------------------------------------------------------------------
 
     def define(self, dom: Domain) -> None:
-        """Define (or redefine) a managed domain. A same-named domain we did not create is refused."""
+        """Define (or redefine) a managed domain. A same-named domain we did not create is refused.
+
+        A domain on a network or bridge gets the guest filter first, with the host's addresses now.
+        """
         xml = to_xml(dom)
+        if isinstance(dom.nic, NetworkNic) and dom.nic.filter == GUEST_FILTER:
+            self.define_filter(guest_filter())
 
         def run(conn: Any) -> None:
             existing = self._lookup(conn, dom.name)
@@ -244,6 +262,11 @@ class Virt:
             conn.defineXML(xml)
 
         self._call(f"define {dom.name}", run)
+
+    def define_filter(self, f: GuestFilter) -> None:
+        """Define (or update) hvagent's guest nwfilter; libvirt re-applies a changed one to running guests."""
+        xml = filter_xml(f)
+        self._call(f"define nwfilter {f.name}", lambda conn: conn.nwfilterDefineXML(xml))
 
     def start(self, name: str) -> None:
         def run(conn: Any) -> None:
@@ -409,20 +432,23 @@ class Virt:
         self._call(f"reboot {name}", run)
 
     def guest_address(self, name: str) -> str | None:
-        """The first IPv4 address of a managed domain's NIC, from the libvirt network's DHCP leases."""
+        """The first IPv4 address of a managed domain's NIC: the libvirt network's DHCP leases,
+        else (a host bridge, whose DHCP is not libvirt's) the host's ARP table."""
 
         def run(conn: Any) -> str | None:
             dom = self._managed_dom(conn, name)
             if not dom.isActive():
                 return None
-            try:
-                ifaces = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
-            except libvirt.libvirtError:
-                return None
-            for iface in ifaces.values():
-                for addr in iface.get("addrs") or []:
-                    if addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
-                        return str(addr["addr"])
+            for source in (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+                           libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP):
+                try:
+                    ifaces = dom.interfaceAddresses(source, 0)
+                except libvirt.libvirtError:
+                    continue
+                for iface in ifaces.values():
+                    for addr in iface.get("addrs") or []:
+                        if addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                            return str(addr["addr"])
             return None
 
         return self._call(f"address of {name}", run)

@@ -1,0 +1,215 @@
+"""Guest-only access on a libvirt network: the guest reaches other machines, never the host.
+
+Everything runs inside network namespaces this test creates: a libvirtd of its own (private
+mount namespace, as the Vagrant lab runs one) with a libvirt network ``hvnf`` (bridge, DHCP)
+whose gateway address stands for the host; a second namespace plugged into that bridge plays
+another machine on the network. Services listen on the "host" (its SSH and API ports) and on
+the other machine; the guest, provisioned by the real CLI in ``network`` mode, tries them all.
+Without hvagent's nwfilter every connection would succeed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.seed import KeyPair
+from tests.conftest import ROOT, TEST_ROOT, image
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+EXE = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "hvagent"
+GATEWAY = "10.77.0.1"  # the host's address on the network (libvirt's bridge)
+PEER = "10.77.0.50"  # another machine on the same network
+HOST_PORTS = (22, 8470)  # the host's SSH and the API's TCP port
+PEER_PORT = 8470
+LIBVIRT_DIRS = {"etc": "/etc/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt",
+                "log": "/var/log/libvirt", "run": "/run/libvirt"}
+NETWORK_XML = f"""<network><name>hvnf</name><bridge name='hvnfbr0' stp='off'/>
+<ip address='{GATEWAY}' netmask='255.255.255.0'><dhcp><range start='10.77.0.100' end='10.77.0.150'/></dhcp></ip>
+</network>"""
+# A banner service: every connection gets one line naming the listener.
+LISTENER = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[2]))); s.listen(8)
+    while True:
+        c, _ = s.accept(); c.sendall(f"hello from {sys.argv[1]}\\n".encode()); c.close()
+""")
+
+
+def _run(*cmd: str | Path, check: bool = True, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
+    if check:
+        assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
+    return r
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop(pid: int, wait: float = 10.0) -> None:
+    if not _alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Lan:
+    ns: str
+    peer_ns: str
+    uri: str
+    state_dir: Path
+
+    def hvagent(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """The real CLI inside the namespace (it reaches the guest's address there)."""
+        env = {**os.environ, "HVAGENT_CONFIG": str(self.state_dir / "config.yaml")}
+        return _run("ip", "netns", "exec", self.ns, EXE, *args, check=check, timeout=timeout, env=env)
+
+    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return _run("virsh", "-q", "-c", self.uri, *args, check=check)
+
+
+@pytest.fixture
+def lan() -> Iterator[Lan]:
+    for tool in ("ip", "unshare", "libvirtd", "virtlogd", "dnsmasq", "ebtables"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing (make host installs it)")
+    tag = f"hvnf{os.getpid() % 100000}"
+    ns, peer_ns = tag, f"{tag}p"
+    base = TEST_ROOT / tag
+    run_dir = Path("/run") / tag
+    uri = f"qemu:///system?socket={run_dir}/libvirt-sock"
+    pids: list[int] = []
+    listeners: list[subprocess.Popen[bytes]] = []
+    lan = Lan(ns, peer_ns, uri, base / "state")
+    try:
+        TEST_ROOT.mkdir(mode=0o711, exist_ok=True)
+        for d in LIBVIRT_DIRS:
+            (base / d).mkdir(parents=True)
+        os.chmod(base, 0o711)
+        run_dir.mkdir(mode=0o700)
+        # the host's libvirt settings without its definitions; sockets where the root namespace sees them
+        shutil.copytree("/etc/libvirt", base / "etc", dirs_exist_ok=True, symlinks=True)
+        for sub in ("qemu", "storage", "secrets", "nodedev"):
+            shutil.rmtree(base / "etc" / sub, ignore_errors=True)
+        (base / "etc/qemu/networks/autostart").mkdir(parents=True)
+        with (base / "etc/libvirtd.conf").open("a") as f:
+            f.write(f'\nunix_sock_dir = "{run_dir}"\nunix_sock_rw_perms = "0700"\nunix_sock_ro_perms = "0700"\n'
+                    'auth_unix_rw = "none"\nauth_unix_ro = "none"\n')
+        for d in ("lib", "log"):
+            os.chmod(base / d, 0o755)
+        (base / "lib/images").mkdir()
+        (base / "log/qemu").mkdir()
+        _run("ip", "netns", "add", ns)
+        _run("ip", "netns", "add", peer_ns)
+        _run("ip", "-n", ns, "link", "set", "lo", "up")
+        mounts = "; ".join(f"mount --bind '{base / k}' '{v}'" for k, v in LIBVIRT_DIRS.items())
+        _run("ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-ec",
+             f"{mounts}; virtlogd -d -p '{run_dir}/virtlogd.pid'; libvirtd -d -p '{run_dir}/libvirtd.pid'")
+        deadline = time.monotonic() + 30
+        while _run("virsh", "-c", uri, "version", check=False).returncode != 0:
+            assert time.monotonic() < deadline, f"the namespace's libvirtd did not answer on {uri}"
+            time.sleep(0.2)
+        pids += [int((run_dir / f"{d}.pid").read_text()) for d in ("libvirtd", "virtlogd")]
+        (base / "net.xml").write_text(NETWORK_XML)
+        lan.virsh("net-create", str(base / "net.xml"))
+        # another machine on the network: a namespace of its own, plugged into the bridge
+        _run("ip", "link", "add", "hvnfv0", "netns", ns, "type", "veth", "peer", "name", "eth0", "netns", peer_ns)
+        _run("ip", "-n", ns, "link", "set", "hvnfv0", "master", "hvnfbr0", "up")
+        _run("ip", "-n", peer_ns, "addr", "add", f"{PEER}/24", "dev", "eth0")
+        _run("ip", "-n", peer_ns, "link", "set", "eth0", "up")
+        _run("ip", "-n", peer_ns, "link", "set", "lo", "up")
+        for where, label, port in [(ns, "host", p) for p in HOST_PORTS] + [(peer_ns, "peer", PEER_PORT)]:
+            listeners.append(subprocess.Popen(["ip", "netns", "exec", where, sys.executable, "-c", LISTENER,
+                                               label, str(port)]))
+        lan.state_dir.mkdir(mode=0o711)
+        (lan.state_dir / "config.yaml").write_text(
+            f"state_dir: {lan.state_dir}\nlibvirt_uri: '{uri}'\naccelerator: qemu\nhealth_timeout: 180\n"
+            f"api: {{socket: {lan.state_dir}/api.sock}}\n")
+        yield lan
+    finally:
+        if (run_dir / "libvirtd.pid").exists():
+            names = _run("virsh", "-q", "-c", uri, "list", "--all", "--name", check=False).stdout.split()
+            for name in names:
+                _run("virsh", "-c", uri, "destroy", name, check=False)
+                _run("virsh", "-c", uri, "undefine", "--nvram", name, check=False)
+            _run("virsh", "-c", uri, "net-destroy", "hvnf", check=False)
+        for p in listeners:
+            p.kill()
+            p.wait()
+        for pid in pids:
+            _stop(pid)
+        for n in (ns, peer_ns):
+            if Path(f"/run/netns/{n}").exists():
+                _run("ip", "netns", "del", n, check=False)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# Each target: one line "ADDR:PORT [what came back]". busybox nc gives up after 3 s.
+PROBE = "; ".join(
+    f"echo {addr}:{port} [$(sleep 2 | nc -w 3 {addr} {port} 2>/dev/null)]"
+    for addr, port in [(GATEWAY, p) for p in HOST_PORTS] + [(PEER, PEER_PORT)]
+) + "".join(f"; ping -c 1 -W 2 {addr} >/dev/null 2>&1 && echo ping-{what} ok"
+          for what, addr in (("host", GATEWAY), ("peer", PEER))) + "; true"
+
+
+def test_guest_on_a_network_reaches_the_network_but_not_the_host(lan: Lan, tenant_key: KeyPair) -> None:
+    key = tenant_key.public
+    assert lan.hvagent("images", "publish", str(image("tiny-1.0"))).returncode == 0
+    spec = lan.state_dir / "spec.yaml"
+    spec.write_text(textwrap.dedent(f"""\
+        vms:
+          - name: lan-1
+            owner: alice
+            image: tiny-1.*
+            cpus: 1
+            memory: 128
+            ssh_keys: ["{key}"]
+            network: {{mode: network, name: hvnf}}
+        """))
+    r = lan.hvagent("apply", str(spec))
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the guest got its address from the network's DHCP, and hvagent's health check reached it there
+    ps = lan.hvagent("ps", "--json").stdout
+    assert '"running"' in ps, ps
+    xml = lan.virsh("dumpxml", "lan-1").stdout
+    assert "<filterref filter='hvagent-guest'>" in xml or "<filterref filter='hvagent-guest'/>" in xml, xml
+    assert GATEWAY in lan.virsh("nwfilter-dumpxml", "hvagent-guest").stdout
+
+    out = lan.hvagent("ssh", "lan-1", "--", PROBE).stdout
+    seen = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    # the other machine answers: the network works, so the refusals below are the filter's doing
+    assert seen.get(f"{PEER}:{PEER_PORT}") == "[hello from peer]", out
+    assert "ping-peer ok" in out.splitlines(), out
+    for port in HOST_PORTS:
+        assert seen.get(f"{GATEWAY}:{port}") == "[]", out
+    assert "ping-host ok" not in out.splitlines(), out
+    # and from the host's side the same services do answer (they are up; only the guest is kept out)
+    banner = _run("ip", "netns", "exec", lan.ns, sys.executable, "-c",
+                  f"import socket; print(socket.create_connection(('{GATEWAY}', 22), 3).recv(64).decode())").stdout
+    assert "hello from host" in banner
+
+    assert lan.hvagent("destroy", "lan-1", "--purge").returncode == 0
