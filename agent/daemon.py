@@ -41,8 +41,10 @@ from inotify_simple import INotify
 from inotify_simple import flags as inflags
 
 from agent.config import Config, Quota, Role
+from agent.domxml import GuestFilter
 from agent.errors import EnvError, HvError, Unauthorized
 from agent.host import Host
+from agent.hostnet import guest_filter
 from agent.manifest import Manifest
 from agent.provision import VmPaths, make_overlay
 from agent.spec import Restart, VmSpec
@@ -90,6 +92,7 @@ class Daemon:
         if self.notifier.socket is not None:  # None when not started by systemd (no NOTIFY_SOCKET)
             self.notifier.socket.setblocking(False)  # a notify never stalls the daemon if nobody reads
         self.watch: LifecycleWatch | None = None
+        self._guest_filter: GuestFilter | None = None  # as last defined by the engine
 
     # -- per-thread hosts ----------------------------------------------------------------------
     def host(self) -> Host:
@@ -288,6 +291,8 @@ class Daemon:
         rows = host.state.vms()
         if not rows:
             return done
+        if any(r.host_port is None for r in rows):
+            self._refresh_guest_filter(host)
         statuses = host.virt.statuses()
         busy = {it.target for it in host.state.pending()}
         for row in rows:
@@ -317,6 +322,21 @@ class Daemon:
                     host.state.event("vm.stopped", f"stays off ({st.reason}); restart policy {policy}", vm=row.name)
                     done["stopped"] += 1
         return done
+
+    def _refresh_guest_filter(self, host: Host) -> None:
+        """Bridged guests: their nwfilter follows the host's addresses (libvirt re-applies it)."""
+        try:
+            f = guest_filter()
+            if f != self._guest_filter:
+                host.virt.define_filter(f)
+        except HvError as e:  # the rest of the pass still runs
+            log.warning(logfmt({"msg": f"guest filter: {e}"}))
+            return
+        if f != self._guest_filter:
+            if self._guest_filter is not None:
+                log.info(logfmt({"event": "host.addresses", "msg": "guest filter updated to the host's addresses",
+                                 "addresses": " ".join(map(str, f.host_addresses))}))
+            self._guest_filter = f
 
     def _recreate(self, host: Host, name: str, start: bool) -> None:
         """A managed domain deleted by hand: define it again from what hvagent keeps, same identity."""

@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 EXE = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "hvagent"
 GATEWAY = "10.77.0.1"  # the host's address on the network (libvirt's bridge)
+NEW_ADDRESS = "10.77.0.2"  # an address the host gains while the guest runs
 PEER = "10.77.0.50"  # another machine on the same network
 HOST_PORTS = (22, 8470)  # the host's SSH and the API's TCP port
 PEER_PORT = 8470
@@ -168,12 +169,16 @@ def lan() -> Iterator[Lan]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-# Each target: one line "ADDR:PORT [what came back]". busybox nc gives up after 3 s.
-PROBE = "; ".join(
-    f"echo {addr}:{port} [$(sleep 2 | nc -w 3 {addr} {port} 2>/dev/null)]"
-    for addr, port in [(GATEWAY, p) for p in HOST_PORTS] + [(PEER, PEER_PORT)]
-) + "".join(f"; ping -c 1 -W 2 {addr} >/dev/null 2>&1 && echo ping-{what} ok"
-          for what, addr in (("host", GATEWAY), ("peer", PEER))) + "; true"
+def probe(targets: list[tuple[str, int]]) -> str:
+    """A guest command: one line "ADDR:PORT [what came back]" per target (busybox nc gives up
+    after 3 s), then "ping-ADDR ok" for each address that answers a ping."""
+    lines = [f"echo {a}:{p} [$(sleep 2 | nc -w 3 {a} {p} 2>/dev/null)]" for a, p in targets]
+    lines += [f"ping -c 1 -W 2 {a} >/dev/null 2>&1 && echo ping-{a} ok" for a in sorted({a for a, _ in targets})]
+    return "; ".join([*lines, "true"])
+
+
+def _seen(out: str) -> dict[str, str]:
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 
 def test_guest_on_a_network_reaches_the_network_but_not_the_host(lan: Lan, tenant_key: KeyPair) -> None:
@@ -199,17 +204,44 @@ def test_guest_on_a_network_reaches_the_network_but_not_the_host(lan: Lan, tenan
     assert "<filterref filter='hvagent-guest'>" in xml or "<filterref filter='hvagent-guest'/>" in xml, xml
     assert GATEWAY in lan.virsh("nwfilter-dumpxml", "hvagent-guest").stdout
 
-    out = lan.hvagent("ssh", "lan-1", "--", PROBE).stdout
-    seen = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    targets = [(GATEWAY, p) for p in HOST_PORTS] + [(PEER, PEER_PORT)]
+    out = lan.hvagent("ssh", "lan-1", "--", probe(targets)).stdout
+    seen = _seen(out)
     # the other machine answers: the network works, so the refusals below are the filter's doing
     assert seen.get(f"{PEER}:{PEER_PORT}") == "[hello from peer]", out
-    assert "ping-peer ok" in out.splitlines(), out
+    assert f"ping-{PEER} ok" in out.splitlines(), out
     for port in HOST_PORTS:
         assert seen.get(f"{GATEWAY}:{port}") == "[]", out
-    assert "ping-host ok" not in out.splitlines(), out
+    assert f"ping-{GATEWAY} ok" not in out.splitlines(), out
     # and from the host's side the same services do answer (they are up; only the guest is kept out)
     banner = _run("ip", "netns", "exec", lan.ns, sys.executable, "-c",
                   f"import socket; print(socket.create_connection(('{GATEWAY}', 22), 3).recv(64).decode())").stdout
     assert "hello from host" in banner
+
+    # The host gains an address while the guest runs: the daemon's next reconcile pass puts it
+    # under the filter too (the listeners bind 0.0.0.0, so the service is there on it at once).
+    _run("ip", "-n", lan.ns, "addr", "add", f"{NEW_ADDRESS}/24", "dev", "hvnfbr0")
+    log = (lan.state_dir / "daemon.log").open("w")
+    env = {**os.environ, "HVAGENT_CONFIG": str(lan.state_dir / "config.yaml")}
+    daemon = subprocess.Popen(["ip", "netns", "exec", lan.ns, str(EXE), "serve"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while NEW_ADDRESS not in lan.virsh("nwfilter-dumpxml", "hvagent-guest").stdout:
+            assert daemon.poll() is None, (lan.state_dir / "daemon.log").read_text()
+            assert time.monotonic() < deadline, (lan.state_dir / "daemon.log").read_text()
+            time.sleep(1)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        log.close()
+    assert daemon.returncode == 0, (lan.state_dir / "daemon.log").read_text()
+    out = lan.hvagent("ssh", "lan-1", "--", probe([(NEW_ADDRESS, 22), (PEER, PEER_PORT)])).stdout
+    assert _seen(out).get(f"{NEW_ADDRESS}:22") == "[]", out
+    assert _seen(out).get(f"{PEER}:{PEER_PORT}") == "[hello from peer]", out
 
     assert lan.hvagent("destroy", "lan-1", "--purge").returncode == 0
