@@ -31,7 +31,7 @@ from agent.spec import Health as HealthSpec
 from agent.spec import VmSpec
 from agent.state import ImageRow, ImageState, State, VmRow, VmState
 from agent.version import Version
-from agent.virt import DomState, Virt
+from agent.virt import Virt
 
 Say = Callable[[str], None]
 
@@ -136,19 +136,9 @@ class Swapper:
 
     # -- steps --------------------------------------------------------------------------------
     def _shutdown_all(self, names: list[str]) -> None:
-        for name in names:
-            if self.virt.state(name) is DomState.RUNNING:
-                self.virt.request_shutdown(name)
-        deadline = self._clock() + self.cfg.shutdown_timeout
-        waiting = set(names)
-        while waiting and self._clock() < deadline:
-            waiting = {n for n in waiting if self.virt.state(n) not in (DomState.SHUTOFF, DomState.MISSING)}
-            if waiting:
-                time.sleep(0.25)
-        for name in waiting:
+        for name in self.virt.shutdown_all(names, self.cfg.shutdown_timeout):
             self.state.event("swap.forced-off", f"ignored ACPI shutdown for {self.cfg.shutdown_timeout:.0f}s",
                              vm=name)
-            self.virt.destroy(name)
 
     def _health_all(self, jobs: list[_Job], expected: str) -> list[tuple[str | None, float]]:
         """For each VM: None when healthy, else the reason; and when it was decided.

@@ -306,30 +306,24 @@ class Virt:
 
     def shutdown(self, name: str, timeout: float, poll: float = 0.25) -> bool:
         """ACPI shutdown; destroy if still running after ``timeout`` s. True if it went down by itself."""
+        return not self.shutdown_all([name], timeout, poll)
 
-        def request(conn: Any) -> bool:
-            dom = self._managed_dom(conn, name)
-            if not dom.isActive():
-                return False
-            try:
-                dom.shutdown()
-            except libvirt.libvirtError as e:
-                if _code(e) != libvirt.VIR_ERR_OPERATION_INVALID:
-                    raise
-            return True
-
-        if not self._call(f"shutdown {name}", request):
-            return True
+    def shutdown_all(self, names: list[str], timeout: float, poll: float = 0.25) -> list[str]:
+        """ACPI shutdown of several domains at once; those still running after ``timeout`` s are
+        destroyed. Returns the names that had to be forced off."""
+        for name in names:
+            self.request_shutdown(name)
         deadline = self._clock() + timeout
-        while self._clock() < deadline:
-            if self.state(name) in (DomState.SHUTOFF, DomState.MISSING):
-                return True
+        waiting = list(names)
+        while True:
+            waiting = [n for n in waiting if self.state(n) not in (DomState.SHUTOFF, DomState.MISSING)]
+            if not waiting or self._clock() >= deadline:
+                break
             self._sleep(poll)
-        if self.state(name) in (DomState.SHUTOFF, DomState.MISSING):
-            return True
-        log.warning("domain %s ignored ACPI shutdown for %.0f s; destroying it", name, timeout)
-        self.destroy(name)
-        return False
+        for name in waiting:
+            log.warning("domain %s ignored ACPI shutdown for %.0f s; destroying it", name, timeout)
+            self.destroy(name)
+        return waiting
 
     def undefine(self, name: str) -> None:
         """Remove a managed domain's definition and NVRAM, destroying it first if it runs.

@@ -134,6 +134,9 @@ def test_lifecycle(virt: Virt, workdir: Path, domain_name: Callable[[str], str])
     # With DAC's remember_owner, libvirt gives every image its owner back on stop.
     assert {p: _owner(p) for p in (base, overlay, data)} == before
     assert virt.shutdown(name, timeout=2) is True  # already off
+    virt.start(name)  # the batch form (swaps): the names it had to force off
+    assert virt.shutdown_all([name], timeout=1) == [name] and virt.state(name) == "shutoff"
+    assert virt.shutdown_all([name], timeout=1) == []
 
     virt.undefine(name)
     assert virt.state(name) == "missing" and name not in virt.managed()
