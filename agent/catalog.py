@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agent import imageinfo, qcow2
 from agent.config import Config
-from agent.errors import Conflict, EnvError, HvError, ImageRefused, InputError, NotFound
+from agent.errors import Conflict, EnvError, ImageRefused, InputError, NotFound
 from agent.faults import point as fault
 from agent.manifest import Manifest, load_manifest
 from agent.state import ImageRow, ImageState, State
@@ -74,10 +74,8 @@ class Catalog:
             fault("publish.copied")
             if digest != m.sha256:
                 raise ImageRefused(f"{image}: sha256 {digest} differs from the manifest's {m.sha256}")
-            try:
-                header, _info = imageinfo.inspect(tmp, self.cfg.max_virtual_size)
-            except HvError as e:  # the checks ran on our private copy; name the file the user gave
-                raise type(e)(e.message.replace(str(tmp), str(image)), e.hint) from None
+            # the checks run on our private copy; refusals name the file the user gave
+            header, _info = imageinfo.inspect(tmp, self.cfg.max_virtual_size, shown=image)
             if header.size != m.virtual_size:
                 raise ImageRefused(
                     f"{image}: virtual size {header.size} differs from the manifest's {m.virtual_size}")

@@ -80,25 +80,27 @@ class Qcow2Header:
         return 1 << self.cluster_bits
 
 
-def read_header(path: Path, *, file_size: int | None = None) -> Qcow2Header:
+def read_header(path: Path, *, file_size: int | None = None, shown: str | Path | None = None) -> Qcow2Header:
     """Read and check the header of the qcow2 image at ``path``; ImageRefused if unsafe.
 
     ``file_size`` bounds the table offsets; it defaults to the file's size, and a larger
-    value than the file really has is ignored.
+    value than the file really has is ignored. Refusals name ``shown`` (default ``path``): the
+    file the user gave when ``path`` is hvagent's private copy of it.
     """
+    name = path if shown is None else shown
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         if os.path.islink(path):
-            raise ImageRefused(f"{path}: is a symbolic link; give the image file itself") from e
-        raise ImageRefused(f"{path}: cannot open ({e.strerror})") from e
+            raise ImageRefused(f"{name}: is a symbolic link; give the image file itself") from e
+        raise ImageRefused(f"{name}: cannot open ({e.strerror})") from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ImageRefused(f"{path}: not a regular file")
+            raise ImageRefused(f"{name}: not a regular file")
         size = st.st_size if file_size is None else min(file_size, st.st_size)
         with open(fd, "rb", closefd=False) as f:
-            return _parse(path, f, size)
+            return _parse(name, f, size)
     finally:
         os.close(fd)
 
@@ -115,7 +117,7 @@ def check_virtual_size(h: Qcow2Header, limit_bytes: int) -> None:
 
 
 class _Reader:
-    def __init__(self, path: Path, f: BinaryIO, file_size: int) -> None:
+    def __init__(self, path: str | Path, f: BinaryIO, file_size: int) -> None:
         self.path, self.f, self.file_size = path, f, file_size
 
     def read(self, offset: int, length: int) -> bytes:
@@ -126,7 +128,7 @@ class _Reader:
         return ImageRefused(f"{self.path}: {problem}")
 
 
-def _parse(path: Path, f: BinaryIO, file_size: int) -> Qcow2Header:
+def _parse(path: str | Path, f: BinaryIO, file_size: int) -> Qcow2Header:
     r = _Reader(path, f, file_size)
     head = r.read(0, V3_HEADER_LENGTH + 8)
     if len(head) < 8:
