@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -13,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import InputError
+from agent.spec import check_name
 
 DEFAULT_CONFIG = Path("/etc/hvagent/config.yaml")
 GiB = 1 << 30
@@ -51,9 +51,7 @@ class Token(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not re.match(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", v):
-            raise ValueError("accepted: 1-63 of [a-z0-9-]")
-        return v
+        return check_name(v, "token name")
 
 
 class Api(BaseModel):
