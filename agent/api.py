@@ -47,6 +47,9 @@ NAME = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 REF = r"^[a-z][a-z0-9-]{0,62}-[0-9]{1,6}\.[0-9]{1,6}$"
 FAMILY = r"^[a-z][a-z0-9-]{0,62}-[0-9]{1,6}(?:\.\*)?$"
 CONSOLE_MAX = 1 << 20
+# Seconds an idle connection stays open; longer than any client here keeps one (agent.client,
+# httpx's default of 5 s), so a client never sends a request into the server's close.
+KEEP_ALIVE = 30
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -441,7 +444,7 @@ def serve_api(d: Daemon, sockets: list[socket.socket], on_ready: Callable[[], No
         return image_limit if (method, path) == ("POST", "/v1/images") else d.cfg.api.max_body
 
     config = uvicorn.Config(BodyLimit(app, limit), log_config=None, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=30)
+                            timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=30)
     server = _Server(config, on_ready)
     # uvicorn re-raises the signal it caught once it has shut down; let that land on a no-op so the
     # daemon can finish its engine step and exit 0.

@@ -17,12 +17,18 @@ from agent.errors import Conflict, EnvError, Forbidden, HvError, InputError, Not
 
 _BY_STATUS: dict[int, type[HvError]] = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict}
 
+# An idle connection is dropped here well before the daemon closes it (agent.api.KEEP_ALIVE): with
+# equal timeouts a request sent on a connection about to expire meets the server's close, and the
+# CLI reads "connection reset by peer".
+KEEPALIVE_EXPIRY = 2.0
+
 
 class Client:
     def __init__(self, socket_path: Path, token: str, timeout: float = 600.0) -> None:
         self.socket = socket_path
         self._http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://hvagent",
-                                  headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+                                  headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
+                                  limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY))
 
     @classmethod
     def detect(cls, cfg: Config) -> Client | None:
@@ -48,7 +54,7 @@ class Client:
         try:
             r = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as e:
-            raise EnvError(f"hvagent daemon at {self.socket}: {e}") from e
+            raise EnvError(f"hvagent daemon at {self.socket}: {method} {path}: {e}") from e
         if r.status_code >= 400:
             try:
                 message = str(r.json()["error"])

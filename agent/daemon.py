@@ -18,6 +18,7 @@ SIGTERM, after which the engine finishes its current step (a batch is journaled)
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import grp
 import hashlib
 import hmac
@@ -134,6 +135,9 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------------------------
     def serve(self) -> int:
         setup_logging()
+        # A fatal signal (SIGSEGV, SIGABRT in a C library) leaves every thread's stack in the log
+        # instead of a silently vanished daemon whose clients see "connection reset by peer".
+        faulthandler.enable(file=sys.stderr, all_threads=True)
         start_event_loop()  # before any libvirt connection is opened
         host = self.host()
         with host_lock(self.cfg.state_dir):
@@ -412,21 +416,29 @@ def _say(message: str) -> None:
 
 
 class _LogfmtFormatter(logging.Formatter):
+    def __init__(self, timestamps: bool = False) -> None:
+        super().__init__()
+        self.timestamps = timestamps
+
     def format(self, record: logging.LogRecord) -> str:
         level = record.levelname.lower()
         if record.name == "hvagent.event" or record.getMessage().startswith(("msg=", "vm=")):
             line = f"level={level} {record.getMessage()}"
         else:
             line = logfmt({"level": level, "logger": record.name, "msg": record.getMessage()})
+        if self.timestamps:
+            ts = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+            line = f"ts={ts} pid={record.process} {line}"
         if record.exc_info:
             line += " " + logfmt({"exception": self.formatException(record.exc_info).replace("\n", " | ")})
         return line
 
 
 def setup_logging() -> None:
-    """One logfmt line per record on stderr: the journal adds time and unit."""
+    """One logfmt line per record on stderr: the journal adds time and unit; anywhere else (the
+    role's fallback without systemd, a log file) each line carries its own time and pid."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LogfmtFormatter())
+    handler.setFormatter(_LogfmtFormatter(timestamps="JOURNAL_STREAM" not in os.environ))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

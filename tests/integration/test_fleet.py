@@ -32,6 +32,7 @@ ANSIBLE = ROOT / "ansible"
 IMAGES = ROOT / "images/cache/out"
 VENV_BIN = Path(os.environ.get("PYTHON", ROOT / ".venv/bin/python")).parent
 HOSTS = ("hv1", "hv2", "hv3")
+LOG_TAIL = 80  # lines of each host's /var/log/hvagent.log in a failure's message
 RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 
@@ -104,8 +105,23 @@ class Fleet:
     def sh(self, host: str, script: str, stdin: str | None = None, check: bool = True) -> str:
         r = _run("docker", "exec", "-i", self.containers[host], "sh", "-c", script, input=stdin, timeout=900)
         if check:
-            assert r.returncode == 0, f"{host}: {script}: {r.stdout}{r.stderr}"
+            assert r.returncode == 0, f"{host}: {script}: {r.stdout}{r.stderr}{self.daemon_logs()}"
         return r.stdout
+
+    def daemon_logs(self, lines: int = LOG_TAIL) -> str:
+        """Each host's daemon (running or not) and the tail of its log, for a failure's message."""
+        script = ('p=$(cat /run/hvagent/hvagent.pid 2>/dev/null); if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; '
+                  'then echo "hvagent serve running, pid $p"; else echo "hvagent serve NOT running (pid $p)"; fi; '
+                  f'tail -n {lines} /var/log/hvagent.log 2>&1')
+        parts = []
+        for h, cid in self.containers.items():
+            try:
+                r = _run("docker", "exec", cid, "sh", "-c", script, timeout=60)
+                text = r.stdout + r.stderr
+            except subprocess.TimeoutExpired:
+                text = "(docker exec timed out)\n"
+            parts.append(f"--- {h}: /var/log/hvagent.log, last {lines} lines ---\n{text}")
+        return "\n" + "".join(parts)
 
     def hv(self, host: str, *args: str) -> Any:
         """`hvagent ARGS --json` on a host, parsed."""
@@ -135,6 +151,19 @@ def fleet(docker_services: Any, docker_compose_project_name: str, docker_compose
     inventory = work / "hosts.yml"
     inventory.write_text(inventory_yaml(containers))
     yield Fleet(containers, inventory, work)
+
+
+@pytest.fixture(autouse=True)
+def _daemon_logs_on_failure(request: pytest.FixtureRequest, fleet: Fleet) -> Iterator[None]:
+    """A failed test prints every host's daemon log tail (whatever the assertion said)."""
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed:
+        logs = fleet.daemon_logs()
+        (fleet.workdir / f"hvagent-logs.{request.node.name}.txt").write_text(logs)
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"\n{request.node.nodeid}: the hosts' daemon logs{logs}")
 
 
 def inventory_yaml(containers: dict[str, str], extra: dict[str, dict[str, str]] | None = None) -> str:
@@ -179,7 +208,7 @@ def _events(fleet: Fleet, host: str, kind: str) -> list[dict[str, Any]]:
 # -- tests, in order -------------------------------------------------------------------------------
 def test_site_installs_every_air_gapped_host_and_a_second_run_changes_nothing(fleet: Fleet) -> None:
     first = fleet.playbook("site.yml")
-    assert first.rc == 0, first.output[-3000:]
+    assert first.rc == 0, first.output[-3000:] + fleet.daemon_logs()
     assert set(first.recap) == set(HOSTS)
     for h in HOSTS:
         assert first.recap[h]["changed"] > 0
@@ -192,13 +221,13 @@ def test_site_installs_every_air_gapped_host_and_a_second_run_changes_nothing(fl
         assert "deb.debian.org" not in fleet.sh(h, "cat /var/cache/hvagent/bundle.list")
 
     second = fleet.playbook("site.yml")
-    assert second.rc == 0, second.output[-3000:]
+    assert second.rc == 0, second.output[-3000:] + fleet.daemon_logs()
     assert {h: second.recap[h]["changed"] for h in HOSTS} == dict.fromkeys(HOSTS, 0), second.output[-3000:]
 
 
 def test_rollout_walks_hosts_in_order_and_leaves_pinned_vms(fleet: Fleet, tenant_key: KeyPair) -> None:
     first = fleet.playbook("rollout.yml", "-e", f"image={IMAGES / 'tiny-1.0.qcow2'}")
-    assert first.rc == 0, first.output[-3000:]
+    assert first.rc == 0, first.output[-3000:] + fleet.daemon_logs()
     key = tenant_key.public
 
     def apply(h: str) -> str:
@@ -211,7 +240,7 @@ def test_rollout_walks_hosts_in_order_and_leaves_pinned_vms(fleet: Fleet, tenant
             "pinned": ("1.0", "running"), "latest": ("1.0", "running")}
 
     play = fleet.playbook("rollout.yml", "-e", f"image={IMAGES / 'tiny-1.1.qcow2'}")
-    assert play.rc == 0, play.output[-3000:]
+    assert play.rc == 0, play.output[-3000:] + fleet.daemon_logs()
     for h in HOSTS:
         vms = {v["name"]: v for v in fleet.hv(h, "ps")}
         assert (vms["pinned"]["version"], vms["latest"]["version"]) == ("1.0", "1.1"), h
