@@ -280,6 +280,8 @@ class Daemon:
             row = host.state.vm(ev.name)
             if row is None or row.uuid != ev.uuid or row.state is not VmState.RUNNING:
                 continue  # not ours, or stopped by an operation of ours
+            if row.updated_at >= ev.at:
+                continue  # queued while an operation of ours (a swap's shutdown) had the VM; it is done
             if ev.kind == "stopped":
                 what = STOP_CAUSES.get(ev.detail, ev.detail)
                 host.state.event("vm.stopped", f"{what} (libvirt: stopped/{ev.detail})", vm=ev.name)

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -599,6 +599,7 @@ class LifecycleEvent:
     uuid: str
     kind: str    # started | stopped | crashed | other
     detail: str  # for stopped: shutdown | destroyed | crashed | failed | ...
+    at: float = field(default_factory=time.time)  # when libvirt told us (wall clock, as State's)
 
 
 class LifecycleWatch:
