@@ -257,10 +257,10 @@ class NetworkNic:
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-# What a guest may still reach on the host's own addresses: the network's DHCP and DNS
-# (libvirt's dnsmasq listens there); IPv6 also keeps ICMPv6 for neighbour discovery.
 # nwfilter's protocol elements per address family: (tcp, udp, icmp, any).
 _PROTOCOLS = {4: ("tcp", "udp", None, "all"), 6: ("tcp-ipv6", "udp-ipv6", "icmpv6", "all-ipv6")}
+# What a guest may still reach on the host's own addresses: the network's DHCP and DNS
+# (libvirt's dnsmasq listens there); IPv6 also keeps ICMPv6 for neighbour discovery.
 _HOST_SERVICES = {4: (("udp", 53), ("tcp", 53), ("udp", 67)), 6: (("udp", 53), ("tcp", 53), ("udp", 547))}
 
 

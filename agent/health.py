@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import tenacity
 
-from agent.errors import HealthError
+from agent.errors import HealthError, HvError
 
 if TYPE_CHECKING:
     import paramiko
@@ -128,7 +128,10 @@ def wait_healthy(ep: Endpoint, agent_key: str, expected_version_id: str, command
     def probe() -> Check:
         nonlocal target
         if target.locate is not None:
-            address = target.locate()
+            try:
+                address = target.locate()
+            except HvError as e:  # libvirt briefly away, say: keep probing until the timeout
+                return Check(False, f"guest address: {e.message}")
             if address is None:
                 return Check(False, "no address yet (waiting for the guest's DHCP lease)")
             target = replace(target, host=address, locate=None)
