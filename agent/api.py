@@ -83,11 +83,13 @@ class RolloutRequest(BaseModel):
 
 # -- views -------------------------------------------------------------------------------------
 def vm_view(row: VmRow, admin: bool) -> dict[str, Any]:
-    spec = VmSpec.model_validate(row.spec)
+    # The stored spec was validated and dumped (JSON mode) when the VM was created: read it as it
+    # is, not validated again per listing (its keys would be parsed by cryptography each time).
+    spec = row.spec
     view: dict[str, Any] = {
         "name": row.name, "owner": row.owner, "track": row.track, "image": row.image, "version": row.version,
-        "state": row.state.value, "reason": row.reason, "cpus": spec.cpus, "memory": spec.memory,
-        "data_disk": spec.data_disk, "restart": spec.restart.value,
+        "state": row.state.value, "reason": row.reason, "cpus": spec["cpus"], "memory": spec["memory"],
+        "data_disk": spec["data_disk"], "restart": spec["restart"],
         "ssh": f"127.0.0.1:{row.host_port}" if row.host_port else None,
         "created_at": row.created_at, "updated_at": row.updated_at,
     }
