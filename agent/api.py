@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException
 from agent import __version__
 from agent.daemon import Daemon, Principal
 from agent.errors import Conflict, Forbidden, HvError, InputError, NotFound, Unauthorized
+from agent.manifest import load_manifest
 from agent.metrics import StateCollector
 from agent.provision import VmPaths
 from agent.rollout import Policy, RetirePolicy, parse_duration, parse_family, parse_max_unavailable
@@ -79,6 +81,16 @@ class RolloutRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     family: StrictStr = Field(pattern=FAMILY, description="tiny-1 or tiny-1.*")
     max_unavailable: StrictStr | None = Field(None, max_length=8, description="a count (3) or a percentage (25%)")
+
+
+_UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _upload_name(filename: str | None, default: str) -> str:
+    """The base name an upload came with, for messages and the manifest's temporary file; anything
+    that is not a plain file name (``..``, slashes, control characters) becomes ``default``."""
+    name = Path(filename or "").name
+    return name if _UPLOAD_NAME.match(name) else default
 
 
 # -- views -------------------------------------------------------------------------------------
@@ -188,16 +200,17 @@ def create_app(d: Daemon) -> FastAPI:
         """Publish an image (checked as hostile until proven otherwise); may start a rollout."""
         uploads = d.cfg.state_dir / "uploads"
         uploads.mkdir(mode=0o700, exist_ok=True)
+        # The image streams from the request straight into the store's hashing copy; only the
+        # manifest (at most 1 MiB) goes through a file of its own here.
+        shown = _upload_name(image.filename, "upload.qcow2")
         with tempfile.TemporaryDirectory(dir=uploads) as tmp:
-            base = Path(image.filename or "upload").name.removesuffix(".qcow2") or "upload"
-            img, man = Path(tmp) / f"{base}.qcow2", Path(tmp) / f"{base}.yaml"
-            with img.open("wb") as f:
-                shutil.copyfileobj(image.file, f, 4 << 20)
+            man = Path(tmp) / _upload_name(manifest.filename, "manifest.yaml")
             with man.open("wb") as f:
                 shutil.copyfileobj(manifest.file, f, 1 << 20)
-            with d.locked() as host:
-                row = host.catalog.publish(img, man)
-                ro = host.rollouts.on_publish(row, policy)
+            m = load_manifest(man)
+        with d.locked() as host:
+            row = host.catalog.publish_stream(image.file, m, shown, image.size)
+            ro = host.rollouts.on_publish(row, policy)
         d.wake.set()
         return {"image": {"name": row.name, "version": row.version, "family": row.family, "sha256": row.sha256},
                 "rollout": ro.id if ro else None}

@@ -7,12 +7,15 @@ checked are the bytes kept. Only then is it fsynced, renamed and recorded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from agent import imageinfo, qcow2
 from agent.config import Config
@@ -61,24 +64,36 @@ class Catalog:
             raise ImageRefused(f"{image}: is a symbolic link; publish the file itself")
         if not image.is_file():
             raise InputError(f"{image}: no such image file")
+        try:
+            fd = os.open(image, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as e:
+            raise ImageRefused(f"{image}: cannot open ({e.strerror})") from e
+        with open(fd, "rb") as src:
+            return self.publish_stream(src, m, str(image), os.fstat(fd).st_size, progress)
+
+    def publish_stream(self, src: BinaryIO, m: Manifest, shown: str, size: int | None = None,
+                       progress: Progress | None = None) -> ImageRow:
+        """Publish the image read from ``src`` (a file, an upload) under manifest ``m``; refusals
+        name ``shown``. Its bytes are hashed while copied into the store, once."""
         if self.state.image(m.name, m.version) is not None:
             raise Conflict(f"image {m.ref}: already in the catalog (published images never change)")
-        self._ensure_store()
         final = self.path_for(m)
+        made = [d for d in (final.parent, self.store) if not d.exists()]  # removed again if refused
+        self._ensure_store()
         final.parent.mkdir(mode=0o755, exist_ok=True)
-        tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
+        tmp = final.parent / f".{final.name}.{os.getpid()}.{threading.get_native_id()}.tmp"
         intent = self.state.begin("publish", m.ref, {"tmp": str(tmp), "final": str(final)})
         linked = False
         try:
-            digest = _copy_hashing(image, tmp, progress)
+            digest = _copy_hashing(src, tmp, size, progress)
             fault("publish.copied")
             if digest != m.sha256:
-                raise ImageRefused(f"{image}: sha256 {digest} differs from the manifest's {m.sha256}")
+                raise ImageRefused(f"{shown}: sha256 {digest} differs from the manifest's {m.sha256}")
             # the checks run on our private copy; refusals name the file the user gave
-            header, _info = imageinfo.inspect(tmp, self.cfg.max_virtual_size, shown=image)
+            header, _info = imageinfo.inspect(tmp, self.cfg.max_virtual_size, shown=shown)
             if header.size != m.virtual_size:
                 raise ImageRefused(
-                    f"{image}: virtual size {header.size} differs from the manifest's {m.virtual_size}")
+                    f"{shown}: virtual size {header.size} differs from the manifest's {m.virtual_size}")
             os.chmod(tmp, 0o444)
             fault("publish.checked")
             try:
@@ -97,6 +112,10 @@ class Catalog:
         except BaseException:
             if linked and self.state.image(m.name, m.version) is None:
                 final.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+            for d in made:
+                with contextlib.suppress(OSError):  # not empty: a concurrent publish uses it
+                    d.rmdir()
             raise
         finally:
             tmp.unlink(missing_ok=True)
@@ -167,29 +186,23 @@ class Catalog:
         return _sha256(Path(row.path)) == row.sha256
 
 
-def _copy_hashing(src: Path, dst: Path, progress: Progress | None) -> str:
+def _copy_hashing(src: BinaryIO, dst: Path, total: int | None, progress: Progress | None) -> str:
+    """Copy ``src`` into the new file ``dst``, fsynced; the sha256 of what was written."""
     h = hashlib.sha256()
+    done = 0
     try:
-        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise ImageRefused(f"{src}: cannot open ({e.strerror})") from e
-    try:
-        total = os.fstat(fd).st_size
-        done = 0
-        with open(fd, "rb", closefd=False) as fin, open(dst, "xb") as fout:
-            while chunk := fin.read(CHUNK):
+        with open(dst, "xb") as fout:
+            while chunk := src.read(CHUNK):
                 h.update(chunk)
                 fout.write(chunk)
                 done += len(chunk)
                 if progress:
-                    progress(done, total)
+                    progress(done, total or done)
             fout.flush()
             os.fsync(fout.fileno())
     except OSError as e:
         dst.unlink(missing_ok=True)
         raise EnvError(f"{dst}: cannot write into the image store ({e.strerror})") from e
-    finally:
-        os.close(fd)
     return h.hexdigest()
 
 

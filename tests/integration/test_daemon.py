@@ -119,6 +119,12 @@ BAD_REQUESTS: list[tuple[str | None, str, str, dict[str, Any], int, str]] = [
     ("alice", "GET", "/v1/vms/ghost", {}, 404, "no such VM"),
     ("ops", "POST", "/v1/images", {"files": {"image": ("x.qcow2", b"not a qcow2"), "manifest": ("x.yaml", b"a: [")}},
      400, "x.yaml"),
+    ("ops", "POST", "/v1/images", {"files": {"image": ("..", b"x"), "manifest": ("../..", b"a: [")}},
+     400, "manifest.yaml: manifest is not valid YAML"),
+    # the upload streams into the store's hashing copy; the refusal names the uploaded file
+    ("ops", "POST", "/v1/images", {"files": {"image": ("x-1.0.qcow2", b"not a qcow2"), "manifest": ("x.yaml", (
+        "name: x\nfamily: 1\nversion: '1.0'\nsha256: '" + "0" * 64 + "'\nvirtual_size: 1048576\n"
+        "format: qcow2\nfirmware: bios\n").encode())}}, 400, "x-1.0.qcow2: sha256"),
     ("alice", "POST", "/v1/vms", {"json": {"name": "a", "image": "tiny-1.*", "ssh_keys": [KEY],
                                            "devices": [{"disk": "/dev/sda"}]}}, 422, "devices"),
     ("alice", "POST", "/v1/vms", {"json": {"name": "a", "image": "tiny-1.*", "ssh_keys": [KEY],
