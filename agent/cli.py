@@ -289,7 +289,12 @@ def ssh(
     row = host.provisioner.row(name)
     ep = host.provisioner.endpoint(row)
     if command:
-        r = ssh_run(ep, host.provisioner.agent_key.private, " ".join(command), timeout=300)
+        import paramiko  # loaded by ssh_run anyway; the daemon never imports it for nothing
+
+        try:
+            r = ssh_run(ep, host.provisioner.agent_key.private, " ".join(command), timeout=300)
+        except (paramiko.SSHException, TimeoutError, OSError, EOFError) as e:
+            raise EnvError(f"vm {name}: ssh {ep.host}:{ep.port}: {e.__class__.__name__}: {e}") from e
         sys.stdout.write(r.stdout)
         sys.stderr.write(r.stderr)
         raise typer.Exit(r.status)

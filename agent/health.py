@@ -59,11 +59,21 @@ def _client(ep: Endpoint, agent_key: str, timeout: float) -> paramiko.SSHClient:
 
 
 def run(ep: Endpoint, agent_key: str, command: str, timeout: float = 30.0) -> Result:
+    """Run ``command`` in the guest; TimeoutError if it has not finished within ``timeout`` s.
+
+    The output is read before the exit status (a command that prints more than the channel's
+    window would otherwise never finish), and the status is awaited with a deadline: paramiko's
+    ``recv_exit_status`` waits forever, which would hang a health check on a guest that accepts
+    the command and never completes it.
+    """
     client = _client(ep, agent_key, min(timeout, 15.0))
     try:
-        _, out, err = client.exec_command(command, timeout=timeout)
-        status = out.channel.recv_exit_status()
-        return Result(status, out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+        deadline = time.monotonic() + timeout
+        _, out, err = client.exec_command(command, timeout=timeout)  # each read: at most timeout s
+        stdout, stderr = out.read(), err.read()
+        if not out.channel.status_event.wait(max(deadline - time.monotonic(), 0.0)):
+            raise TimeoutError(f"{command!r} did not finish within {timeout:.0f} s")
+        return Result(out.channel.exit_status, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
     finally:
         client.close()
 

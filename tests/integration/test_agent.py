@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import libvirt
@@ -118,6 +119,14 @@ def test_overlay_is_backed_by_catalog_image_and_destroy_cleans_up(host: Host, te
     host.provisioner.wait("t-ovl")
     res = health.run(host.provisioner.endpoint(vm), key, "cat /data/proof")
     assert res.stdout.strip() == "kept"
+    # A command that does not finish is given up at its timeout (a health check never hangs),
+    # and a large output does not stall it either.
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        health.run(host.provisioner.endpoint(vm), key, "sleep 60", timeout=3)
+    assert time.monotonic() - t0 < 30
+    big = health.run(host.provisioner.endpoint(vm), key, "head -c 3000000 /dev/zero | tr '\\0' x", timeout=60)
+    assert (big.status, len(big.stdout)) == (0, 3000000)
     host.provisioner.destroy("t-ovl", purge=True)
     assert not data.exists()
     assert host.state.vms() == [] and host.state.pending() == []
