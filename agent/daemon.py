@@ -423,14 +423,14 @@ class _LogfmtFormatter(logging.Formatter):
         self.timestamps = timestamps
 
     def format(self, record: logging.LogRecord) -> str:
-        level = record.levelname.lower()
-        if record.name == "hvagent.event" or record.getMessage().startswith(("msg=", "vm=")):
-            line = f"level={level} {record.getMessage()}"
-        else:
-            line = logfmt({"level": level, "logger": record.name, "msg": record.getMessage()})
+        head = f"level={record.levelname.lower()}"
         if self.timestamps:
             ts = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-            line = f"ts={ts} pid={record.process} {line}"
+            head += f" ts={ts} pid={record.process}"
+        if record.name == "hvagent.event" or record.getMessage().startswith(("msg=", "vm=")):
+            line = f"{head} {record.getMessage()}"
+        else:
+            line = f"{head} {logfmt({'logger': record.name, 'msg': record.getMessage()})}"
         if record.exc_info:
             line += " " + logfmt({"exception": self.formatException(record.exc_info).replace("\n", " | ")})
         return line

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -82,7 +83,8 @@ def test_ready_watchdog_logs_and_sigterm(daemon: Daemon) -> None:
     assert any("STOPPING=1" in n for n in daemon.notifications(1))
     assert not sock.exists()
     lines = daemon.log.read_text().splitlines()
-    assert lines and all(line.startswith("level=") for line in lines), lines[:5]
+    # logfmt, level first; outside the journal (as here) each line carries its time and pid
+    assert lines and all(re.match(r"level=[a-z]+ ts=\S+Z pid=\d+ \S", line) for line in lines), lines[:5]
     assert any("msg=ready" in line for line in lines)
 
 
