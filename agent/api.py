@@ -37,7 +37,7 @@ from agent.manifest import load_manifest
 from agent.metrics import StateCollector
 from agent.provision import VmPaths
 from agent.rollout import Policy, RetirePolicy, parse_duration, parse_family, parse_max_unavailable
-from agent.spec import NetMode, Spec, VmSpec, check_name
+from agent.spec import NAME_RE, NetMode, Spec, VmSpec, check_name
 from agent.state import RolloutRow, VmRow, VmState
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hvagent.api")
 
-NAME = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+NAME = NAME_RE.pattern  # the spec's VM-name pattern, for OpenAPI
 REF = r"^[a-z][a-z0-9-]{0,62}-[0-9]{1,6}\.[0-9]{1,6}$"
 FAMILY = r"^[a-z][a-z0-9-]{0,62}-[0-9]{1,6}(?:\.\*)?$"
 CONSOLE_MAX = 1 << 20

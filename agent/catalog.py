@@ -112,7 +112,7 @@ class Catalog:
         except BaseException:
             if linked and self.state.image(m.name, m.version) is None:
                 final.unlink(missing_ok=True)
-            tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # now, not in `finally`: the directories below must be empty
             for d in made:
                 with contextlib.suppress(OSError):  # not empty: a concurrent publish uses it
                     d.rmdir()

@@ -333,16 +333,16 @@ class Daemon:
         """Bridged guests: their nwfilter follows the host's addresses (libvirt re-applies it)."""
         try:
             f = guest_filter()
-            if f != self._guest_filter:
-                host.virt.define_filter(f)
+            if f == self._guest_filter:
+                return
+            host.virt.define_filter(f)
         except HvError as e:  # the rest of the pass still runs
             log.warning(logfmt({"msg": f"guest filter: {e}"}))
             return
-        if f != self._guest_filter:
-            if self._guest_filter is not None:
-                log.info(logfmt({"event": "host.addresses", "msg": "guest filter updated to the host's addresses",
-                                 "addresses": " ".join(map(str, f.host_addresses))}))
-            self._guest_filter = f
+        if self._guest_filter is not None:
+            log.info(logfmt({"event": "host.addresses", "msg": "guest filter updated to the host's addresses",
+                             "addresses": " ".join(map(str, f.host_addresses))}))
+        self._guest_filter = f
 
     def _recreate(self, host: Host, name: str, start: bool) -> None:
         """A managed domain deleted by hand: define it again from what hvagent keeps, same identity."""
