@@ -350,6 +350,12 @@ def test_cli_goes_through_the_daemon_which_runs_the_rollout(daemon: Daemon) -> N
     time.sleep(3)
     kinds = [e["kind"] for e in daemon.events("follow")]
     assert "swap.done" in kinds and "vm.stopped" not in kinds and "vm.restarted" not in kinds, kinds
+    # the rollout in /metrics: one swap done, none rolled back, its downtime, the rollout's state
+    metrics = daemon.call("ops", "GET", "/metrics").text
+    for line in ('hvagent_swaps_total{outcome="done"} 1.0', 'hvagent_rollbacks_total{outcome="done"} 0.0',
+                 "hvagent_swap_downtime_seconds_count 1.0",
+                 'hvagent_rollouts{family="tiny-1",state="done",target="1.1"} 1.0'):
+        assert line in metrics, metrics
     r = cli(daemon, "destroy", "follow")
     assert r.returncode == 0 and daemon.call("ops", "GET", "/v1/vms").json() == []
 
