@@ -26,6 +26,7 @@ import tenacity
 from agent.domxml import (
     GUEST_FILTER,
     HV_NS,
+    OVMF_CODE,
     Domain,
     DomainType,
     Firmware,
@@ -46,7 +47,10 @@ T = TypeVar("T")
 DEFAULT_URI = "qemu:///system"
 START_HINT = "start it: libvirtd -d (or systemctl start libvirtd)"
 QEMU_RUN_DIR = Path("/run/libvirt/qemu")
-PROBE_MARKERS = ("SeaBIOS", "Booting")
+# What each firmware prints on the serial console once it got that far: SeaBIOS its banner,
+# OVMF its boot manager's first line (after SEC, PEI and DXE: 32-bit code without paging, x87,
+# long mode, hundreds of drivers).
+PROBE_MARKERS = {Firmware.BIOS: ("SeaBIOS", "Booting"), Firmware.UEFI: ("BdsDxe:",)}
 
 # Error codes/messages that mean "the connection is broken", not "this request failed".
 _CONN_CODES = frozenset({libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC})
@@ -482,24 +486,39 @@ class Virt:
     # -- acceleration probe ---------------------------------------------------------------------
 
     def probe_accel(self, workdir: Path, name: str = "hvagent-probe-accel", wait: float = 10.0) -> DomainType:
-        """KVM only if a real KVM guest boots here; otherwise QEMU (TCG).
+        """KVM only if real KVM guests boot here; otherwise QEMU (TCG).
 
-        A transient type='kvm' domain without disks starts SeaBIOS with its output on the serial
-        log. /dev/kvm existing proves nothing (nested setups open it and then cannot run guests):
-        the guest must start, print SeaBIOS' banner and keep running. The probe is always destroyed;
-        it is also tied to our connection (AUTODESTROY) should hvagent die meanwhile.
+        /dev/kvm existing proves nothing: nested setups open it and then cannot run guests. Some
+        (a nested PVM host) even run SeaBIOS and then fail every real guest in its bootloader:
+        KVM cannot emulate SYSLINUX's iret or OVMF's fninit in protected mode without paging
+        ("KVM internal error ... emulation failure", QEMU pauses the guest). So both firmwares
+        boot, each as a transient type='kvm' domain without disks, output on the serial log:
+        SeaBIOS must print its banner and OVMF (when installed) reach its boot manager, and each
+        must keep running. Probes are always destroyed; they are also tied to our connection
+        (AUTODESTROY) should hvagent die meanwhile.
         """
+        for firmware in (Firmware.BIOS, Firmware.UEFI):
+            if firmware is Firmware.UEFI and not OVMF_CODE.exists():
+                log.info("KVM probe: %s is missing; SeaBIOS alone decides", OVMF_CODE)
+                continue
+            if not self._probe_one(workdir, name, firmware, wait):
+                return DomainType.QEMU
+        return DomainType.KVM
+
+    def _probe_one(self, workdir: Path, name: str, firmware: Firmware, wait: float) -> bool:
         workdir.mkdir(parents=True, exist_ok=True)
         console = workdir / f"{name}.log"
         console.unlink(missing_ok=True)
+        nvram = workdir / f"{name}_VARS.fd" if firmware is Firmware.UEFI else None
         probe = Domain(
             name=name,
             uuid=str(uuidlib.uuid4()),
-            memory_mib=64,
+            memory_mib=64 if firmware is Firmware.BIOS else 128,
             vcpus=1,
-            firmware=Firmware.BIOS,
+            firmware=firmware,
             dtype=DomainType.KVM,
             console_log=console,
+            nvram=nvram,
             metadata=Metadata(
                 owner="hvagent",
                 track="probe",
@@ -518,19 +537,20 @@ class Virt:
             try:
                 conn.createXML(xml, libvirt.VIR_DOMAIN_START_AUTODESTROY)
             except libvirt.libvirtError as e:
-                log.info("KVM probe did not start: %s", _message(e))
+                log.info("KVM probe (%s) did not start: %s", firmware, _message(e))
                 return False
             return True
 
         try:
             if not self._call("start KVM probe", create):
-                return DomainType.QEMU
-            booted = self._probe_booted(name, console, wait)
-            return DomainType.KVM if booted else DomainType.QEMU
+                return False
+            return self._probe_booted(name, console, PROBE_MARKERS[firmware], wait)
         finally:
             self._call("destroy KVM probe", lambda conn: self._destroy_probe(conn, name))
+            if nvram is not None:
+                nvram.unlink(missing_ok=True)
 
-    def _probe_booted(self, name: str, console: Path, wait: float) -> bool:
+    def _probe_booted(self, name: str, console: Path, markers: tuple[str, ...], wait: float) -> bool:
         deadline = self._clock() + wait
         seen = False
         while True:
@@ -541,12 +561,12 @@ class Virt:
                 text = console.read_text(errors="replace")
             except FileNotFoundError:
                 text = ""
-            seen = any(marker in text for marker in PROBE_MARKERS)
+            seen = any(marker in text for marker in markers)
             if seen or self._clock() >= deadline:
                 break
             self._sleep(0.25)
         if not seen:
-            log.info("KVM probe printed no firmware banner within %.0f s", wait)
+            log.info("KVM probe printed none of %s within %.0f s", markers, wait)
             return False
         # Printed something: it must still be running (a broken KVM may crash right after).
         self._sleep(0.5)
