@@ -93,6 +93,7 @@ class Check:
     ok: bool
     reason: str
     version_id: str | None = None
+    final: bool = False  # a failure that never fixes itself: stop waiting
 
 
 def check_once(ep: Endpoint, agent_key: str, expected_version_id: str, command: str | None) -> Check:
@@ -102,7 +103,7 @@ def check_once(ep: Endpoint, agent_key: str, expected_version_id: str, command: 
     try:
         r = run(ep, agent_key, "cat /etc/os-release", timeout=20)
     except paramiko.BadHostKeyException:
-        return Check(False, "guest presented a host key other than the pinned one")
+        return Check(False, "guest presented a host key other than the pinned one", final=True)
     except paramiko.SSHException as e:
         return Check(False, f"ssh: {e}" if str(e) else "ssh: no answer yet")
     except (TimeoutError, OSError, EOFError) as e:
@@ -121,15 +122,18 @@ def check_once(ep: Endpoint, agent_key: str, expected_version_id: str, command: 
 
 
 def wait_healthy(ep: Endpoint, agent_key: str, expected_version_id: str, command: str | None, timeout: float,
-                 *, sleep: Callable[[float], None] = time.sleep, interval: float = 0.5) -> Check:
+                 *, halted: Callable[[], str | None] | None = None, sleep: Callable[[float], None] = time.sleep,
+                 interval: float = 0.5) -> Check:
     """Probe until healthy or ``timeout`` seconds pass; raise HealthError with the last reason.
 
-    A guest that presents another host key fails at once: that never fixes itself.
+    Failures that never fix themselves end the wait at once: a guest presenting another host
+    key, and a guest that ``halted()`` says QEMU stopped (paused after an emulation or I/O
+    error, crashed); it is asked before each probe.
     """
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(timeout),
         wait=tenacity.wait_fixed(interval),
-        retry=tenacity.retry_if_result(lambda c: not c.ok and "pinned" not in c.reason),
+        retry=tenacity.retry_if_result(lambda c: not c.ok and not c.final),
         sleep=sleep,
         retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
     )
@@ -137,6 +141,13 @@ def wait_healthy(ep: Endpoint, agent_key: str, expected_version_id: str, command
 
     def probe() -> Check:
         nonlocal target
+        if halted is not None:
+            try:
+                why = halted()
+            except HvError:  # libvirt briefly away: SSH decides this round
+                why = None
+            if why is not None:
+                return Check(False, why, final=True)
         if target.locate is not None:
             try:
                 address = target.locate()

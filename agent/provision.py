@@ -150,7 +150,7 @@ class Provisioner:
         started = self.state.clock()
         try:
             wait_healthy(self.endpoint(row, wait=True), self.agent_key.private, manifest.expected_version_id,
-                         spec.health.command, spec.health.timeout)
+                         spec.health.command, spec.health.timeout, halted=lambda: self.virt.halted(name))
         except HealthError as e:
             if self.state.vm(name) is None:
                 raise NotFound(f"vm {name}: destroyed while waiting for its health") from e

@@ -143,18 +143,23 @@ class Swapper:
     def _health_all(self, jobs: list[_Job], expected: str) -> list[tuple[str | None, float]]:
         """For each VM: None when healthy, else the reason; and when it was decided.
 
-        SSH only: no database access in threads. Each VM's time is its own, so a batch's fast
-        VMs do not inherit the downtime of its slowest.
+        SSH, and each thread's own libvirt connection for whether QEMU stopped its guest; no
+        database access in threads. Each VM's time is its own, so a batch's fast VMs do not
+        inherit the downtime of its slowest.
         """
         key = self.prov.agent_key.private
-        probes = [(self.prov.endpoint(j.new, wait=True), VmSpec.model_validate(j.new.spec).health) for j in jobs]
+        probes = [(j.new.name, self.prov.endpoint(j.new, wait=True), VmSpec.model_validate(j.new.spec).health)
+                  for j in jobs]
 
-        def one(probe: tuple[Endpoint, HealthSpec]) -> tuple[str | None, float]:
-            endpoint, check = probe
+        def one(probe: tuple[str, Endpoint, HealthSpec]) -> tuple[str | None, float]:
+            name, endpoint, check = probe
+            virt = self.virt.fork()
             try:
-                wait_healthy(endpoint, key, expected, check.command, check.timeout)
+                wait_healthy(endpoint, key, expected, check.command, check.timeout, halted=lambda: virt.halted(name))
             except HealthError as e:
                 return e.message, self._clock()
+            finally:
+                virt.close()
             return None, self._clock()
 
         if not jobs:
@@ -214,7 +219,7 @@ class Swapper:
         spec = VmSpec.model_validate(old.spec)
         try:
             wait_healthy(self.prov.endpoint(old, wait=True), self.prov.agent_key.private, manifest.expected_version_id,
-                         spec.health.command, spec.health.timeout)
+                         spec.health.command, spec.health.timeout, halted=lambda: self.virt.halted(name))
         except HealthError as e:
             return e.message
         return None

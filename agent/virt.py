@@ -155,6 +155,11 @@ class Virt:
         self._run_dir = qemu_run_dir
         self._conn: Any = None
 
+    def fork(self) -> Virt:
+        """The same settings on a connection of its own (for another thread)."""
+        return Virt(self.uri, sleep=self._sleep, clock=self._clock, attempts=self._attempts,
+                    max_delay=self._max_delay, qemu_run_dir=self._run_dir)
+
     # -- connection and retry policy ------------------------------------------------------------
 
     def close(self) -> None:
@@ -362,6 +367,15 @@ class Virt:
             return _STATES.get(code, DomState.NOSTATE)
 
         return self._call(f"state of {name}", run)
+
+    def halted(self, name: str) -> str | None:
+        """Why this domain's guest cannot come up by itself, or None: QEMU paused it (an error it
+        cannot go on from, such as "KVM internal error ... emulation failure" or a full disk)
+        or it crashed. hvagent itself never pauses a domain."""
+        st = self.state(name)
+        if st in (DomState.PAUSED, DomState.CRASHED):
+            return f"domain {name} is {st}: QEMU stopped the guest (libvirt's qemu/{name}.log says why)"
+        return None
 
     def exists(self, name: str) -> bool:
         return self._call(f"look up {name}", lambda conn: self._lookup(conn, name) is not None)

@@ -1,6 +1,6 @@
 # Shared by lab/up, lab/destroy and lab/vagrant: where the lab lives and how to reach it.
 # The lab runs inside the network namespace $LAB_NS, against a libvirtd (and virtlogd) of its
-# own, started in a private mount namespace where /etc/libvirt, /var/lib/libvirt,
+# own (lab/ns-libvirtd), started in a private mount namespace where /etc/libvirt, /var/lib/libvirt,
 # /var/cache/libvirt, /var/log/libvirt and /run/libvirt are bind mounts of $LAB_DIR/*.
 # Its sockets are in $LAB_RUN, reachable from the root namespace (libvirt URI $LAB_URI);
 # its networks, their dnsmasq and the hosts' addresses exist only inside $LAB_NS.
@@ -16,11 +16,6 @@ LAB_BOX=${HVAGENT_LAB_BOX_FILE:-$REPO/images/cache/out/$LAB_BOX_NAME.box}
 # The domain type: KVM cannot run guests on every machine (nested, CI); `qemu` is TCG.
 export HVAGENT_LAB_DRIVER=${HVAGENT_LAB_DRIVER:-qemu}
 export HVAGENT_LAB_HOSTS=${HVAGENT_LAB_HOSTS:-2}
-# libvirt's directories that the lab's libvirtd gets its own copy of (LAB_DIR/<key>)
-declare -A LAB_MOUNTS=(
-    [etc]=/etc/libvirt [lib]=/var/lib/libvirt [cache]=/var/cache/libvirt
-    [log]=/var/log/libvirt [run]=/run/libvirt
-)
 
 log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }

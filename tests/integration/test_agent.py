@@ -14,9 +14,11 @@ import yaml
 
 from agent import health
 from agent.domxml import DomainType
+from agent.errors import HealthError
 from agent.host import Host
 from agent.seed import KeyPair
 from agent.spec import parse_spec
+from agent.state import VmState
 from tests.conftest import hvagent, image
 
 pytestmark = pytest.mark.integration
@@ -130,6 +132,26 @@ def test_overlay_is_backed_by_catalog_image_and_destroy_cleans_up(host: Host, te
     host.provisioner.destroy("t-ovl", purge=True)
     assert not data.exists()
     assert host.state.vms() == [] and host.state.pending() == []
+
+
+def test_a_guest_paused_by_qemu_fails_health_at_once(host: Host, tenant_key: KeyPair) -> None:
+    # QEMU pauses a guest it cannot go on with (here KVM's "emulation failure"; a full disk too):
+    # the health wait ends on the next probe with that reason instead of after its 90 s.
+    host.catalog.publish(image("tiny-1.0"))
+    spec = parse_spec({"vms": [{"name": "t-halt", "owner": "alice", "image": "tiny-1.0",
+                                "ssh_keys": [tenant_key.public]}]})
+    host.provisioner.create(spec.vms[0])
+    conn = libvirt.open("qemu:///system")
+    try:
+        conn.lookupByName("t-halt").suspend()
+    finally:
+        conn.close()
+    t0 = time.monotonic()
+    with pytest.raises(HealthError, match=r"domain t-halt is paused: QEMU stopped the guest"):
+        host.provisioner.wait("t-halt")
+    assert time.monotonic() - t0 < 30
+    row = host.state.vm("t-halt")
+    assert row is not None and row.state is VmState.FAILED and "is paused" in (row.reason or "")
 
 
 def test_generated_domains_pass_virt_xml_validate(host: Host, tenant_key: KeyPair, tmp_path: Path) -> None:

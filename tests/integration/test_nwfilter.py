@@ -35,8 +35,7 @@ NEW_ADDRESS = "10.77.0.2"  # an address the host gains while the guest runs
 PEER = "10.77.0.50"  # another machine on the same network
 HOST_PORTS = (22, 8470)  # the host's SSH and the API's TCP port
 PEER_PORT = 8470
-LIBVIRT_DIRS = {"etc": "/etc/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt",
-                "log": "/var/log/libvirt", "run": "/run/libvirt"}
+NS_LIBVIRTD = ROOT / "lab" / "ns-libvirtd"  # the lab's: a libvirtd of its own in a network namespace
 NETWORK_XML = f"""<network><name>hvnf</name><bridge name='hvnfbr0' stp='off'/>
 <ip address='{GATEWAY}' netmask='255.255.255.0'><dhcp><range start='10.77.0.100' end='10.77.0.150'/></dhcp></ip>
 </network>"""
@@ -55,25 +54,6 @@ def _run(*cmd: str | Path, check: bool = True, timeout: float = 120, **kw: Any) 
     if check:
         assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
     return r
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _stop(pid: int, wait: float = 10.0) -> None:
-    if not _alive(pid):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.1)
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
@@ -102,38 +82,15 @@ def lan() -> Iterator[Lan]:
     base = TEST_ROOT / tag
     run_dir = Path("/run") / tag
     uri = f"qemu:///system?socket={run_dir}/libvirt-sock"
-    pids: list[int] = []
     listeners: list[subprocess.Popen[bytes]] = []
     lan = Lan(ns, peer_ns, uri, base / "state")
     try:
         TEST_ROOT.mkdir(mode=0o711, exist_ok=True)
-        for d in LIBVIRT_DIRS:
-            (base / d).mkdir(parents=True)
-        os.chmod(base, 0o711)
-        run_dir.mkdir(mode=0o700)
-        # the host's libvirt settings without its definitions; sockets where the root namespace sees them
-        shutil.copytree("/etc/libvirt", base / "etc", dirs_exist_ok=True, symlinks=True)
-        for sub in ("qemu", "storage", "secrets", "nodedev"):
-            shutil.rmtree(base / "etc" / sub, ignore_errors=True)
-        (base / "etc/qemu/networks/autostart").mkdir(parents=True)
-        with (base / "etc/libvirtd.conf").open("a") as f:
-            f.write(f'\nunix_sock_dir = "{run_dir}"\nunix_sock_rw_perms = "0700"\nunix_sock_ro_perms = "0700"\n'
-                    'auth_unix_rw = "none"\nauth_unix_ro = "none"\n')
-        for d in ("lib", "log"):
-            os.chmod(base / d, 0o755)
-        (base / "lib/images").mkdir()
-        (base / "log/qemu").mkdir()
+        base.mkdir(mode=0o711)  # libvirt-qemu opens the guest's disks in base/state
         _run("ip", "netns", "add", ns)
         _run("ip", "netns", "add", peer_ns)
         _run("ip", "-n", ns, "link", "set", "lo", "up")
-        mounts = "; ".join(f"mount --bind '{base / k}' '{v}'" for k, v in LIBVIRT_DIRS.items())
-        _run("ip", "netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-ec",
-             f"{mounts}; virtlogd -d -p '{run_dir}/virtlogd.pid'; libvirtd -d -p '{run_dir}/libvirtd.pid'")
-        deadline = time.monotonic() + 30
-        while _run("virsh", "-c", uri, "version", check=False).returncode != 0:
-            assert time.monotonic() < deadline, f"the namespace's libvirtd did not answer on {uri}"
-            time.sleep(0.2)
-        pids += [int((run_dir / f"{d}.pid").read_text()) for d in ("libvirtd", "virtlogd")]
+        _run(NS_LIBVIRTD, "start", ns, base, run_dir, timeout=60)
         (base / "net.xml").write_text(NETWORK_XML)
         lan.virsh("net-create", str(base / "net.xml"))
         # another machine on the network: a namespace of its own, plugged into the bridge
@@ -160,8 +117,7 @@ def lan() -> Iterator[Lan]:
         for p in listeners:
             p.kill()
             p.wait()
-        for pid in pids:
-            _stop(pid)
+        _run(NS_LIBVIRTD, "stop", run_dir, check=False)
         for n in (ns, peer_ns):
             if Path(f"/run/netns/{n}").exists():
                 _run("ip", "netns", "del", n, check=False)

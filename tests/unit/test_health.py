@@ -1,4 +1,4 @@
-"""Health waits for a guest whose address is known only once it has a DHCP lease."""
+"""Health waits: a guest whose address comes from a DHCP lease, and failures that end the wait at once."""
 
 from __future__ import annotations
 
@@ -44,3 +44,51 @@ def test_once_located_the_address_is_probed(monkeypatch: pytest.MonkeyPatch) -> 
     answers = iter([None, None, "10.77.0.101"])
     wait_healthy(_ep(lambda: next(answers)), "key", "1.0", None, timeout=5, sleep=lambda _s: None, interval=0)
     assert probed == ["10.77.0.101"]
+
+
+def test_a_guest_that_qemu_stopped_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent import health
+
+    probes: list[str] = []
+
+    def fake_check(ep: Endpoint, *_a: object) -> health.Check:
+        probes.append(ep.host)
+        return health.Check(False, "ssh: no answer yet")
+
+    monkeypatch.setattr(health, "check_once", fake_check)
+    states = iter([None, None, "domain t is paused: QEMU stopped the guest"])
+    slept: list[float] = []
+    with pytest.raises(HealthError, match=r"^127.0.0.1:22: not healthy within 600s: domain t is paused: QEMU"):
+        wait_healthy(Endpoint("127.0.0.1", 22, "root", "ssh-ed25519 AAAA"), "key", "1.0", None, timeout=600,
+                     halted=lambda: next(states), sleep=slept.append, interval=1)
+    assert probes == ["127.0.0.1", "127.0.0.1"]  # no SSH once it halted, and no wait for the 600 s
+    assert slept == [1, 1]
+
+
+def test_libvirt_trouble_while_asking_whether_it_halted_leaves_ssh_to_decide(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent import health
+
+    monkeypatch.setattr(health, "check_once", lambda *_a: health.Check(True, "healthy", "1.0"))
+
+    def halted() -> str | None:
+        raise EnvError("libvirt at qemu:///system: connection lost")
+
+    ok = wait_healthy(Endpoint("127.0.0.1", 22, "root", "ssh-ed25519 AAAA"), "key", "1.0", None, timeout=5,
+                      halted=halted, sleep=lambda _s: None, interval=0)
+    assert ok.ok
+
+
+def test_another_host_key_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent import health
+
+    calls: list[int] = []
+
+    def fake_check(*_a: object) -> health.Check:
+        calls.append(1)
+        return health.Check(False, "guest presented a host key other than the pinned one", final=True)
+
+    monkeypatch.setattr(health, "check_once", fake_check)
+    with pytest.raises(HealthError, match="other than the pinned one"):
+        wait_healthy(Endpoint("127.0.0.1", 22, "root", "ssh-ed25519 AAAA"), "key", "1.0", None, timeout=600,
+                     sleep=lambda _s: None, interval=0)
+    assert calls == [1]
