@@ -27,6 +27,7 @@ images: venv
 demo: venv images-tiny
 	$(VENV)/bin/hvagent demo
 
+# Every test, the Vagrant lab's end to end included (`-m "not lab"` leaves it out).
 test: venv images
 	$(VENV)/bin/pytest tests
 
@@ -58,9 +59,13 @@ clean:
 
 # The Vagrant lab (README: Lab): hypervisor hosts hv1..hvN in the network namespace `hvlab`
 # with a libvirtd of their own, provisioned by ansible/site.yml; then a guest on hv1.
-.PHONY: lab lab-destroy
+.PHONY: lab lab-destroy test-lab
 lab: venv bundle images-host-box images-tiny
 	bash lab/up
 
 lab-destroy:
 	bash lab/destroy
+
+# Only the lab's end to end: `make lab`, its checks, then `make lab-destroy` whatever happened.
+test-lab: venv images
+	$(VENV)/bin/pytest -m lab tests/integration/test_lab.py

@@ -22,7 +22,10 @@ die() { log "error: $*"; exit 1; }
 
 lab_virsh() { virsh -q -c "$LAB_URI" "$@"; }
 
-lab_libvirtd_up() { [ -S "$LAB_RUN/libvirt-sock" ] && timeout 10 virsh -c "$LAB_URI" version >/dev/null 2>&1; }
+# A libvirtd of lab/ns-libvirtd answers on the sockets in the directory $1.
+ns_libvirtd_answers() { [ -S "$1/libvirt-sock" ] && timeout 10 virsh -c "qemu:///system?socket=$1/libvirt-sock" version >/dev/null 2>&1; }
+
+lab_libvirtd_up() { ns_libvirtd_answers "$LAB_RUN"; }
 
 lab_ns_exists() { [ -e "/run/netns/$LAB_NS" ]; }
 
