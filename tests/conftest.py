@@ -29,6 +29,21 @@ def image(name: str) -> Path:
     return path
 
 
+def luks_qcow2(path: Path, size: str = "64M") -> Path:
+    """A LUKS-encrypted qcow2 at `path`. qemu-img (7.2) sizes its key derivation by timing a first
+    PBKDF2 round in thread CPU time, which the kernel counts in ticks: when that round reads 0 ms
+    it stops with "Unable to get accurate CPU usage" (about 1 run in 5 here), so that failure,
+    and only that one, is tried again. A 10 ms target keeps each try short."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=hunter2",
+            "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", "--", str(path), size]
+    for _ in range(8):
+        r = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if r.returncode == 0:
+            return path
+        assert "Unable to get accurate CPU usage" in r.stderr, r.stderr
+    pytest.fail(f"qemu-img create of a LUKS image, 8 tries: {r.stderr.strip()}")
+
+
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
     TEST_ROOT.mkdir(mode=0o711, exist_ok=True)

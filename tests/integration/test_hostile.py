@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from agent.seed import KeyPair
-from tests.conftest import hvagent, image
+from tests.conftest import hvagent, image, luks_qcow2
 
 pytestmark = pytest.mark.integration
 
@@ -110,11 +110,7 @@ def huge(d: Path) -> Path:
 
 
 def encrypted(d: Path) -> Path:
-    p = d / "enc.qcow2"
-    # A short key-derivation benchmark: the default 2 s one fails now and then on a loaded machine.
-    qemu_img("create", "-q", "--object", "secret,id=s0,data=hunter2", "-f", "qcow2",
-             "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", str(p), "1M")
-    return p
+    return luks_qcow2(d / "enc.qcow2", "1M")
 
 
 def symlink_to_host_file(d: Path) -> Path:

@@ -13,6 +13,7 @@ import pytest
 
 from agent import imageinfo
 from agent.errors import ImageRefused
+from tests.conftest import luks_qcow2
 
 pytestmark = [
     pytest.mark.unit,
@@ -111,8 +112,7 @@ def test_external_data_file(tmp_path: Path) -> None:
 
 
 def test_encrypted(tmp_path: Path) -> None:
-    img = create(tmp_path / "enc.qcow2", "64M", "--object", "secret,id=sec0,data=x",
-                 "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10")
+    img = luks_qcow2(tmp_path / "enc.qcow2")
     info_refused(img, "encrypted")
     inspect_refused(img, "encrypted")
 

@@ -12,6 +12,7 @@ import pytest
 
 from agent import qcow2
 from agent.errors import ImageRefused
+from tests.conftest import luks_qcow2
 
 pytestmark = [
     pytest.mark.unit,
@@ -328,14 +329,11 @@ def test_unknown_compression_type(good: Path) -> None:
 
 
 def test_encrypted_luks(tmp_path: Path) -> None:
-    img = create(tmp_path / "enc.qcow2", "64M", "--object", "secret,id=sec0,data=x",
-                 "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10")
-    refused(img, "encrypted")
+    refused(luks_qcow2(tmp_path / "enc.qcow2"), "encrypted")
 
 
 def test_luks_header_extension_alone(tmp_path: Path) -> None:
-    img = create(tmp_path / "enc.qcow2", "64M", "--object", "secret,id=sec0,data=x",
-                 "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10")
+    img = luks_qcow2(tmp_path / "enc.qcow2")
     patch(img, CRYPT, "I", 0)
     refused(img, "encryption header")
 
