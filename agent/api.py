@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import shutil
 import signal
 import socket
 import tempfile
@@ -20,8 +19,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import anyio
 import uvicorn
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -29,16 +29,18 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from agent import __version__
+from agent import __version__, qcow2
 from agent.daemon import Daemon, Principal
 from agent.errors import Conflict, Forbidden, HvError, InputError, NotFound, Unauthorized
-from agent.manifest import load_manifest
+from agent.manifest import MAX_MANIFEST_BYTES, load_manifest
 from agent.metrics import StateCollector
 from agent.provision import VmPaths
 from agent.rollout import Policy, RetirePolicy, parse_duration, parse_family, parse_max_unavailable
 from agent.spec import NAME_RE, NetMode, Spec, VmSpec, check_name
-from agent.state import RolloutRow, VmRow, VmState
+from agent.state import DiskRow, RolloutRow, VmRow, VmState
+from agent.upload import FormStream, Part
 
 if TYPE_CHECKING:
     from agent.host import Host
@@ -91,6 +93,33 @@ def _upload_name(filename: str | None, default: str) -> str:
     that is not a plain file name (``..``, slashes, control characters) becomes ``default``."""
     name = Path(filename or "").name
     return name if _UPLOAD_NAME.match(name) else default
+
+
+def _upload_part(part: Part | None, name: str) -> Part:
+    if part is None or part.name != name:
+        got = "nothing more" if part is None else f"part {part.name[:64]!r}"
+        raise InputError(f"multipart: {got} where the part {name!r} belongs; send the part 'manifest' "
+                         f"(YAML, at most 1 MiB) first, then 'image' (the policy is a query parameter)")
+    return part
+
+
+def _body_chunks(request: Request) -> Callable[[], bytes]:
+    """The request body's next chunk (``b""`` at its end), for code in FastAPI's threadpool."""
+    stream = request.stream()
+
+    async def next_chunk() -> bytes:
+        try:
+            return await anext(stream, b"")
+        except ClientDisconnect:
+            raise InputError("request body: the client went away before sending all of it") from None
+
+    return lambda: anyio.from_thread.run(next_chunk)
+
+
+UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["manifest", "image"],
+    "properties": {"manifest": {"type": "string", "format": "binary", "description": "first: YAML, at most 1 MiB"},
+                   "image": {"type": "string", "format": "binary", "description": "then: the qcow2 file"}}}}}}}
 
 
 # -- views -------------------------------------------------------------------------------------
@@ -193,25 +222,28 @@ def create_app(d: Daemon) -> FastAPI:
                  "firmware": e.row.manifest.get("firmware"), **({"vms": e.vms} if p.admin else {})}
                 for e in d.host().catalog.entries()]
 
-    @app.post("/v1/images", tags=["images"], status_code=201)
-    def images_publish(_: Admin, image: Annotated[UploadFile, File(description="the qcow2 file")],
-                       manifest: Annotated[UploadFile, File(description="its manifest (YAML)")],
-                       policy: Annotated[Policy | None, Form()] = None) -> dict[str, Any]:
-        """Publish an image (checked as hostile until proven otherwise); may start a rollout."""
+    @app.post("/v1/images", tags=["images"], status_code=201, openapi_extra=UPLOAD_BODY)
+    def images_publish(_: Admin, request: Request, policy: Annotated[Policy | None, Query(
+            description="rollout policy for this publish; default from the configuration")] = None) -> dict[str, Any]:
+        """Publish an image (checked as hostile until proven otherwise); may start a rollout.
+
+        multipart/form-data: the part ``manifest`` (YAML, at most 1 MiB) first, then ``image``, the
+        qcow2 file, which streams into the store's hashing copy as it arrives."""
+        form = FormStream(request.headers.get("content-type"), _body_chunks(request))
+        part = _upload_part(form.next_part(), "manifest")
+        text = form.read_all(MAX_MANIFEST_BYTES, "manifest")
         uploads = d.cfg.state_dir / "uploads"
         uploads.mkdir(mode=0o700, exist_ok=True)
-        # The image streams from the request straight into the store's hashing copy; only the
-        # manifest (at most 1 MiB) goes through a file of its own here.
-        shown = _upload_name(image.filename, "upload.qcow2")
-        with tempfile.TemporaryDirectory(dir=uploads) as tmp:
-            man = Path(tmp) / _upload_name(manifest.filename, "manifest.yaml")
-            with man.open("wb") as f:
-                shutil.copyfileobj(manifest.file, f, 1 << 20)
+        with tempfile.TemporaryDirectory(dir=uploads) as tmp:  # load_manifest reads a file
+            man = Path(tmp) / _upload_name(part.filename, "manifest.yaml")
+            man.write_bytes(text)
             m = load_manifest(man)
+        shown = _upload_name(_upload_part(form.next_part(last=True), "image").filename, "upload.qcow2")
         with d.locked() as host:
-            row = host.catalog.publish_stream(image.file, m, shown, image.size)
+            row = host.catalog.publish_stream(form, m, shown)
             ro = host.rollouts.on_publish(row, policy)
-        d.wake.set()
+        form.finish()
+        d.poke()
         return {"image": {"name": row.name, "version": row.version, "family": row.family, "sha256": row.sha256},
                 "rollout": ro.id if ro else None}
 
@@ -248,7 +280,7 @@ def create_app(d: Daemon) -> FastAPI:
             parse_max_unavailable(body.max_unavailable, "max_unavailable")
         with d.locked() as host:
             ro = host.rollouts.start(name, major, body.max_unavailable)
-        d.wake.set()
+        d.poke()
         return {"rollout": rollout_view(host, ro) if ro else None}
 
     @app.post("/v1/rollouts/{family}/{action}", tags=["rollouts"])
@@ -256,7 +288,7 @@ def create_app(d: Daemon) -> FastAPI:
                        action: Annotated[str, PathParam(pattern=r"^(pause|resume|abort)$")]) -> dict[str, Any]:
         host = d.host()
         ro = getattr(host.rollouts, action)(family)
-        d.wake.set()
+        d.poke()
         return {"rollout": rollout_view(host, host.state.rollout(ro.id) or ro)}
 
     # -- VMs -----------------------------------------------------------------------------------
@@ -357,29 +389,64 @@ def create_app(d: Daemon) -> FastAPI:
                    tail: Annotated[int, Query(ge=1, le=CONSOLE_MAX, description="last bytes")] = 65536) -> str:
         """The guest's serial console output (the last ``tail`` bytes)."""
         host = d.host()
-        own(host, p, name)
-        path = VmPaths.of(d.cfg, name).console
+        row = own(host, p, name)
+        path = VmPaths.of(d.cfg, name).console(row.uuid)  # this VM's own log, by its UUID
         try:
             with path.open("rb") as f:
                 size = f.seek(0, 2)
                 f.seek(max(0, size - tail))
-                return f.read().decode(errors="replace")
+                return f.read(tail).decode(errors="replace")
         except FileNotFoundError:
             return ""
 
     @app.get("/v1/events", tags=["events"])
     def events(p: Who, vm: Annotated[str | None, Query(pattern=NAME, max_length=63)] = None,
                limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> list[dict[str, Any]]:
+        """Events, oldest first. A tenant sees those of its own VMs (by owner, so never those of an
+        earlier VM of the same name that someone else owned) and of its disks."""
         host = d.host()
-        if vm is not None:
-            own(host, p, vm)
-        evs = host.state.events(vm, limit)
-        if not p.admin:
-            mine = {r.name for r in host.state.vms(owner=p.name)}
-            evs = [e for e in evs if e.vm in mine]
-        return [{"ts": e.ts, "vm": e.vm, "kind": e.kind, "message": e.message, "duration": e.duration} for e in evs]
+        evs = host.state.events(vm, limit, owner=None if p.admin else p.name)
+        if vm is not None and not evs:
+            own(host, p, vm)  # 404 for a name the caller has no VM and no history of
+        return [{"ts": e.ts, "vm": e.vm, "kind": e.kind, "message": e.message, "duration": e.duration,
+                 **({"owner": e.owner, "uuid": e.vm_uuid} if p.admin else {})} for e in evs]
+
+    # -- data disks ----------------------------------------------------------------------------
+    @app.get("/v1/disks", tags=["disks"])
+    def disks_list(p: Who) -> list[dict[str, Any]]:
+        """Data disks: attached to a VM, or kept for their owner after it was destroyed."""
+        host = d.host()
+        return [disk_view(host, disk) for disk in host.state.disks(owner=None if p.admin else p.name)]
+
+    @app.delete("/v1/disks/{name}", tags=["disks"])
+    def disk_purge(p: Who, name: Name,
+                   owner: Annotated[str | None, Query(pattern=NAME, max_length=63,
+                                                      description="admins: whose disk")] = None) -> dict[str, Any]:
+        """Delete a kept data disk; one attached to a VM is refused (409)."""
+        if not p.admin and owner not in (None, p.name):
+            raise NotFound(f"disk {name}: no such disk")
+        with d.locked() as host:
+            whose = owner or (p.name if not p.admin else _only_owner(host, name))
+            disk = host.provisioner.purge_disk(whose, name)
+        return {"name": disk.name, "owner": disk.owner, "purged": True}
 
     return app
+
+
+def disk_view(host: Host, disk: DiskRow) -> dict[str, Any]:
+    vm = next((r.name for r in host.state.vms(owner=disk.owner) if r.uuid == disk.vm_uuid), None)
+    return {"name": disk.name, "owner": disk.owner, "size_gib": disk.size_gib, "vm": vm,
+            "state": "attached" if disk.vm_uuid else "kept", "created_at": disk.created_at}
+
+
+def _only_owner(host: Host, name: str) -> str:
+    """The owner of the only disk of this name; admins name the owner when several have one."""
+    owners = [disk.owner for disk in host.state.disks() if disk.name == name]
+    if not owners:
+        raise NotFound(f"disk {name}: no such disk")
+    if len(owners) > 1:
+        raise InputError(f"owner: disks named {name} belong to {', '.join(owners)}; name the owner")
+    return owners[0]
 
 
 def check_quota(host: Host, p: Principal, spec: VmSpec) -> None:
@@ -393,6 +460,10 @@ def check_quota(host: Host, p: Principal, spec: VmSpec) -> None:
     memory = sum(s.memory for s in mine) + spec.memory
     if memory > q.memory:
         raise Forbidden(f"quota: memory: {memory} MiB would exceed {p.name}'s quota of {q.memory} MiB")
+    disk = host.provisioner.disk_use(p.name) + host.provisioner.new_disk_gib(spec)
+    if disk > q.disk_gib:
+        raise Forbidden(f"quota: disk_gib: {disk} GiB of data disks (kept disks included) would exceed "
+                        f"{p.name}'s quota of {q.disk_gib} GiB")
 
 
 def validation_line(errors: Any) -> str:
@@ -405,38 +476,70 @@ def validation_line(errors: Any) -> str:
     return f"{'.'.join(loc) or 'body'}: {msg}"
 
 
-# -- body size limit ---------------------------------------------------------------------------
+# -- authentication and body size, before the body is read -------------------------------------
 ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
+ADMIN_ONLY_UPLOADS = frozenset({("POST", "/v1/images")})
+
+
+class AuthGate:
+    """401 and 403 before a byte of the body is read: FastAPI reads (and spools) a request's body
+    before it runs the endpoint's dependencies. Those still decide; the gate only answers first for
+    a missing, unknown or expired token, and for a tenant's token on an admin-only upload."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.public = frozenset({"/healthz"} | {u for u in (app.openapi_url, app.docs_url, app.redoc_url,
+                                                              app.swagger_ui_oauth2_redirect_url) if u})
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.public:
+            request = Request({**scope, "app": self.app})  # as Starlette passes it to the dependencies
+            try:
+                who = principal(request, await bearer(request))
+                if (scope["method"], scope["path"]) in ADMIN_ONLY_UPLOADS:
+                    admin(who)
+            except HvError as e:
+                await JSONResponse({"error": str(e)}, status_code=e.http_status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
-    """413 for a body over the limit: Content-Length checked first, streamed bodies counted."""
+    """413 for a body over the limit: Content-Length checked first, streamed bodies counted. A
+    response sent before the whole body was read closes the connection: the rest is not read."""
 
-    def __init__(self, app: ASGIApp, limit: Callable[[str, str], int]) -> None:
+    def __init__(self, app: ASGIApp, limit: Callable[[str, str], tuple[int, str]]) -> None:
         self.app = app
-        self.limit = limit
+        self.limit = limit  # (method, path) -> (bytes, the 413's message)
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit(scope["method"], scope["path"])
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            await JSONResponse({"error": f"request body: larger than {limit} bytes"}, status_code=413)(
-                scope, receive, send)
-            return
+        limit, too_large = self.limit(scope["method"], scope["path"])
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        pending = length not in (None, b"0") or b"transfer-encoding" in headers
         seen = 0
 
         async def counted() -> Any:
-            nonlocal seen
+            nonlocal seen, pending
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise HTTPException(413, f"request body: larger than {limit} bytes")
+                raise HTTPException(413, too_large)
+            pending = pending and bool(message.get("more_body")) and message["type"] == "http.request"
             return message
 
-        await self.app(scope, counted, send)
+        async def closing(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start" and pending:
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await JSONResponse({"error": too_large}, status_code=413)(scope, receive, closing)
+            return
+        await self.app(scope, counted, closing)
 
 
 # -- serving -----------------------------------------------------------------------------------
@@ -453,12 +556,19 @@ class _Server(uvicorn.Server):
 
 def serve_api(d: Daemon, sockets: list[socket.socket], on_ready: Callable[[], None]) -> None:
     app = create_app(d)
-    image_limit = d.cfg.max_virtual_size + (1 << 20)
+    mvs = d.cfg.max_virtual_size
+    # the largest image file, its manifest, and the form's boundaries and part headers
+    image_limit = qcow2.max_file_size(mvs) + MAX_MANIFEST_BYTES + (64 << 10)
+    image_too_large = (f"image upload: larger than {image_limit} bytes, the most an image of max_virtual_size "
+                       f"{mvs} bytes ({qcow2.human(mvs)}) takes with its metadata and manifest")
+    body_too_large = f"request body: larger than {d.cfg.api.max_body} bytes"
 
-    def limit(method: str, path: str) -> int:
-        return image_limit if (method, path) == ("POST", "/v1/images") else d.cfg.api.max_body
+    def limit(method: str, path: str) -> tuple[int, str]:
+        if (method, path) == ("POST", "/v1/images"):
+            return image_limit, image_too_large
+        return d.cfg.api.max_body, body_too_large
 
-    config = uvicorn.Config(BodyLimit(app, limit), log_config=None, access_log=False, lifespan="off",
+    config = uvicorn.Config(BodyLimit(AuthGate(app), limit), log_config=None, access_log=False, lifespan="off",
                             timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=30)
     server = _Server(config, on_ready)
     # uvicorn re-raises the signal it caught once it has shut down; let that land on a no-op so the

@@ -1,8 +1,10 @@
 """The catalog: immutable base images in a store directory, with manifests and states.
 
-A file to publish is hostile until checked. It is copied into the store under a temporary
-name first (hashing while copying), and every check runs on that private copy, so the bytes
-checked are the bytes kept. Only then is it fsynced, renamed and recorded.
+A file to publish is hostile until checked. What can be refused from the manifest, the file's
+size and its first bytes (the qcow2 header) is refused before anything is written. Then it is
+copied into the store under a temporary name (hashing while copying), and every check runs on
+that private copy, so the bytes checked are the bytes kept. Only then is it fsynced, renamed and
+recorded.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 from agent import imageinfo, qcow2
 from agent.config import Config
@@ -27,6 +29,12 @@ from agent.version import Track, Version
 
 CHUNK = 4 << 20
 Progress = Callable[[int, int], None]
+
+
+class Source(Protocol):
+    """What an image is read from: an open file, or an upload as it arrives."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -71,12 +79,13 @@ class Catalog:
         with open(fd, "rb") as src:
             return self.publish_stream(src, m, str(image), os.fstat(fd).st_size, progress)
 
-    def publish_stream(self, src: BinaryIO, m: Manifest, shown: str, size: int | None = None,
+    def publish_stream(self, src: Source, m: Manifest, shown: str, size: int | None = None,
                        progress: Progress | None = None) -> ImageRow:
         """Publish the image read from ``src`` (a file, an upload) under manifest ``m``; refusals
         name ``shown``. Its bytes are hashed while copied into the store, once."""
         if self.state.image(m.name, m.version) is not None:
             raise Conflict(f"image {m.ref}: already in the catalog (published images never change)")
+        head, header = self._check_before_copy(src, m, shown, size)
         final = self.path_for(m)
         made = [d for d in (final.parent, self.store) if not d.exists()]  # removed again if refused
         self._ensure_store()
@@ -85,15 +94,13 @@ class Catalog:
         intent = self.state.begin("publish", m.ref, {"tmp": str(tmp), "final": str(final)})
         linked = False
         try:
-            digest = _copy_hashing(src, tmp, size, progress)
+            digest = _copy_hashing(head, src, tmp, size, qcow2.max_file_size(self.cfg.max_virtual_size), shown,
+                                   progress)
             fault("publish.copied")
             if digest != m.sha256:
                 raise ImageRefused(f"{shown}: sha256 {digest} differs from the manifest's {m.sha256}")
             # the checks run on our private copy; refusals name the file the user gave
-            header, _info = imageinfo.inspect(tmp, self.cfg.max_virtual_size, shown=shown)
-            if header.size != m.virtual_size:
-                raise ImageRefused(
-                    f"{shown}: virtual size {header.size} differs from the manifest's {m.virtual_size}")
+            imageinfo.inspect(tmp, self.cfg.max_virtual_size, shown=shown)
             os.chmod(tmp, 0o444)
             fault("publish.checked")
             try:
@@ -121,9 +128,32 @@ class Catalog:
             tmp.unlink(missing_ok=True)
             self.state.done(intent)
 
+    def _check_before_copy(self, src: Source, m: Manifest, shown: str,
+                           size: int | None) -> tuple[bytes, qcow2.Qcow2Header]:
+        """Refuse what the manifest, the size and the header tell before a byte is written; the
+        first bytes read from ``src`` (the copy starts with them) and their header."""
+        limit = self.cfg.max_virtual_size
+        accepted = f"max_virtual_size is {limit} bytes ({qcow2.human(limit)})"
+        if m.virtual_size > limit:
+            raise ImageRefused(f"{shown}: the manifest's virtual_size {m.virtual_size} bytes "
+                               f"({qcow2.human(m.virtual_size)}) is too large; {accepted}")
+        bound = qcow2.max_file_size(limit)
+        if size is not None and size > bound:
+            raise ImageRefused(f"{shown}: {size} bytes ({qcow2.human(size)}) is larger than any accepted qcow2 "
+                               f"image: {accepted}, so the file is at most {bound} bytes")
+        head = _read_up_to(src, qcow2.HEAD_BYTES)
+        header = qcow2.parse_head(head, size if len(head) == qcow2.HEAD_BYTES else len(head), shown)
+        try:
+            qcow2.check_virtual_size(header, limit)
+        except ImageRefused as e:
+            raise ImageRefused(f"{shown}: {e.message}") from None
+        if header.size != m.virtual_size:
+            raise ImageRefused(f"{shown}: virtual size {header.size} differs from the manifest's {m.virtual_size}")
+        return head, header
+
     def recover(self) -> None:
         """Finish or undo publishes interrupted by a crash: no temp file, no file without a row."""
-        for it in self.state.pending():
+        for it in self.state.orphaned():
             if it.op == "gc":  # the row goes first, so a crash leaves at most the file to remove
                 name, _, version = it.target.rpartition("-")
                 if self.state.image(name, version) is None:
@@ -186,18 +216,33 @@ class Catalog:
         return _sha256(Path(row.path)) == row.sha256
 
 
-def _copy_hashing(src: BinaryIO, dst: Path, total: int | None, progress: Progress | None) -> str:
-    """Copy ``src`` into the new file ``dst``, fsynced; the sha256 of what was written."""
+def _read_up_to(src: Source, n: int) -> bytes:
+    """The first ``n`` bytes of ``src``, fewer only at its end (a read may return less)."""
+    buf = bytearray()
+    while len(buf) < n and (chunk := src.read(n - len(buf))):
+        buf += chunk
+    return bytes(buf)
+
+
+def _copy_hashing(head: bytes, src: Source, dst: Path, total: int | None, bound: int, shown: str,
+                  progress: Progress | None) -> str:
+    """Write ``head`` and the rest of ``src`` into the new file ``dst``, fsynced, refusing a file
+    over ``bound`` bytes; the sha256 of what was written."""
     h = hashlib.sha256()
     done = 0
     try:
         with open(dst, "xb") as fout:
-            while chunk := src.read(CHUNK):
+            chunk = head
+            while chunk:
+                done += len(chunk)
+                if done > bound:
+                    raise ImageRefused(f"{shown}: larger than {bound} bytes, the most an accepted qcow2 image "
+                                       f"takes (max_virtual_size plus metadata)")
                 h.update(chunk)
                 fout.write(chunk)
-                done += len(chunk)
                 if progress:
                     progress(done, total or done)
+                chunk = src.read(CHUNK)
             fout.flush()
             os.fsync(fout.fileno())
     except OSError as e:

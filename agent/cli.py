@@ -7,12 +7,12 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO
 
 import typer
 from pydantic import ValidationError
@@ -21,7 +21,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Ta
 from rich.table import Table
 
 from agent import config as config_mod
-from agent.errors import EnvError, HealthError, HvError, InputError, NotFound
+from agent.errors import EnvError, HealthError, HvError, InputError, NotFound, one_line
 from agent.health import run as ssh_run
 from agent.host import Host
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from agent.client import Client
 from agent.rollout import Policy, RetirePolicy, parse_duration, parse_family, parse_max_unavailable
 from agent.spec import load_spec
-from agent.state import RolloutState, host_lock
+from agent.state import RolloutState
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="hvagent: run tenants' VMs from versioned qcow2 guest OS images on libvirt.")
@@ -85,8 +85,9 @@ def _main(
 def mutating() -> Iterator[Host]:
     """Mutations on one host are serialized by a lock; each first finishes any interrupted work."""
     host = CTX.host()
-    with host_lock(host.cfg.state_dir):
+    with host.lock:
         host.recover()
+        host.state.prune_events(host.cfg.events_keep_days * 86400, host.cfg.events_keep_max)
         yield host
 
 
@@ -122,9 +123,9 @@ def images_publish(
         for f in (file, man):
             if not f.is_file():
                 raise InputError(f"{f}: no such file")
-        with file.open("rb") as img, man.open("rb") as mf:
-            r = c.request("POST", "/v1/images", files={"image": (file.name, img), "manifest": (man.name, mf)},
-                          data={"policy": policy.value} if policy else None)
+        with file.open("rb") as img, man.open("rb") as mf:  # the daemon reads the manifest first
+            r = c.request("POST", "/v1/images", files=[("manifest", (man.name, mf)), ("image", (file.name, img))],
+                          params={"policy": policy.value} if policy else None)
         out.print(f"published {r['image']['name']}-{r['image']['version']} through the daemon "
                   f"(sha256 {r['image']['sha256'][:16]}…)")
         if r["rollout"] is not None:
@@ -242,7 +243,8 @@ def apply(
             for name in created if wait else []:
                 say(name, "waiting for health")
                 try:
-                    host.provisioner.wait(name)
+                    with host.lock.released():  # the guest decides how long: others need not wait
+                        host.provisioner.wait(name)
                     say(name, "healthy")
                 except HealthError as e:
                     failures.append(f"{name}: {e.message}")
@@ -291,12 +293,19 @@ def ssh(
     if command:
         import paramiko  # loaded by ssh_run anyway; the daemon never imports it for nothing
 
-        try:
-            r = ssh_run(ep, host.provisioner.agent_key.private, " ".join(command), timeout=300)
+        def to(stream: BinaryIO) -> Callable[[bytes], None]:
+            def write(data: bytes) -> None:
+                stream.write(data)
+                stream.flush()
+            return write
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:  # streamed as it comes, however much: the user asked for this guest's output
+            r = ssh_run(ep, host.provisioner.agent_key.private, " ".join(command), timeout=300,
+                        stdout=to(sys.stdout.buffer), stderr=to(sys.stderr.buffer))
         except (paramiko.SSHException, TimeoutError, OSError, EOFError) as e:
             raise EnvError(f"vm {name}: ssh {ep.host}:{ep.port}: {e.__class__.__name__}: {e}") from e
-        sys.stdout.write(r.stdout)
-        sys.stderr.write(r.stderr)
         raise typer.Exit(r.status)
     with tempfile.NamedTemporaryFile("w", suffix=".known_hosts", delete=False) as kh:
         kh.write(f"[{ep.host}]:{ep.port} {ep.host_key}\n")
@@ -321,19 +330,71 @@ def destroy(
 
 @app.command()
 def events(
-    vm: Annotated[str | None, typer.Option("--vm", help="only this VM")] = None,
+    vm: Annotated[str | None, typer.Option("--vm", help="only this VM name")] = None,
+    owner: Annotated[str | None, typer.Option("--owner", help="only this owner's VMs and disks")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """What happened on this host, oldest first."""
-    evs = CTX.host().state.events(vm)
+    """What happened on this host, oldest first (each VM's events carry its owner and UUID)."""
+    evs = CTX.host().state.events(vm, owner=owner)
     if as_json:
-        _emit_json([{"ts": _ts(e.ts), "vm": e.vm, "kind": e.kind, "message": e.message, "duration": e.duration}
-                    for e in evs])
+        _emit_json([{"ts": _ts(e.ts), "vm": e.vm, "owner": e.owner, "uuid": e.vm_uuid, "kind": e.kind,
+                     "message": e.message, "duration": e.duration} for e in evs])
         return
-    table = Table("TIME", "VM", "EVENT", "MESSAGE", "DURATION")
+    table = Table("TIME", "VM", "OWNER", "EVENT", "MESSAGE", "DURATION")
     for e in evs:
-        table.add_row(_ts(e.ts), e.vm or "-", e.kind, e.message, f"{e.duration:.1f}s" if e.duration else "")
+        table.add_row(_ts(e.ts), e.vm or "-", e.owner or "-", e.kind, e.message,
+                      f"{e.duration:.1f}s" if e.duration else "")
     out.print(table)
+
+
+disks_app = typer.Typer(help="Data disks: attached to a VM, or kept for their owner after it was destroyed.",
+                        invoke_without_command=True)
+app.add_typer(disks_app, name="disks")
+
+
+@disks_app.callback()
+def disks_list(
+    ctx: typer.Context,
+    owner: Annotated[str | None, typer.Option("--owner", help="only this owner's disks")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """List data disks (a kept disk is attached again only to a new VM of the same name and owner)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    host = CTX.host()
+    vms = {r.uuid: r.name for r in host.state.vms()}
+    items: list[dict[str, Any]] = [
+        {"name": d.name, "owner": d.owner, "size_gib": d.size_gib, "vm": vms.get(d.vm_uuid or ""),
+         "state": "attached" if d.vm_uuid else "kept", "created_at": _ts(d.created_at)}
+        for d in host.state.disks(owner)]
+    if as_json:
+        _emit_json(items)
+        return
+    table = Table("NAME", "OWNER", "SIZE", "STATE", "VM", "CREATED")
+    for i in items:
+        table.add_row(i["name"], i["owner"], f"{i['size_gib']} GiB", i["state"], i["vm"] or "-", i["created_at"])
+    out.print(table)
+
+
+@disks_app.command("purge")
+def disks_purge(
+    name: Annotated[str, typer.Argument(help="disk name (the name of the VM it belonged to)")],
+    owner: Annotated[str | None, typer.Option("--owner", help="whose disk; needed when several owners have one")]
+    = None,
+) -> None:
+    """Delete a kept data disk and what it holds; a disk attached to a VM is refused."""
+    if (c := CTX.client()) is not None:
+        r = c.request("DELETE", f"/v1/disks/{name}", params={"owner": owner} if owner else None)
+        whose = r["owner"]
+    else:
+        with mutating() as host:
+            if owner is None:
+                owners = [d.owner for d in host.state.disks() if d.name == name]
+                if len(owners) > 1:
+                    raise InputError(f"--owner: disks named {name} belong to {', '.join(owners)}; name the owner")
+                owner = owners[0] if owners else "-"
+            whose = host.provisioner.purge_disk(owner, name).owner
+    out.print(f"purged disk {name} of {whose}", markup=False, highlight=False)
 
 
 # rollouts -----------------------------------------------------------------------------------
@@ -535,7 +596,7 @@ def main() -> None:
     except HvError as e:
         if CTX.debug:
             raise
-        err.print(f"hvagent: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"hvagent: error: {one_line(str(e))}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     finally:
         if CTX._host is not None:

@@ -35,6 +35,7 @@ class Quota(BaseModel):
     vms: int = Field(4, ge=0, description="VMs the tenant may have")
     cpus: int = Field(8, ge=0, description="vCPUs over all its VMs")
     memory: int = Field(4096, ge=0, description="MiB of memory over all its VMs")
+    disk_gib: int = Field(64, ge=0, description="GiB of data disks over all its VMs and its kept disks")
 
 
 class Token(BaseModel):
@@ -81,7 +82,8 @@ class Config(BaseModel):
         None, gt=0, description="GiB of data disks all VMs may have; default the state filesystem's size")
     port_min: int = Field(22200, ge=1024, le=65535, description="first 127.0.0.1 port for SSH forwards")
     port_max: int = Field(22999, ge=1024, le=65535, description="last 127.0.0.1 port for SSH forwards")
-    health_timeout: float = Field(120.0, gt=0, description="seconds a new VM has to become healthy")
+    health_timeout: float = Field(120.0, gt=0, description="seconds a VM has to become healthy; caps a spec's "
+                                  "health.timeout")
     shutdown_timeout: float = Field(30.0, gt=0, description="seconds of ACPI shutdown before forcing off")
     rollout_policy: Literal["auto", "manual"] = Field(
         "auto", description="auto: publishing a family's newest version swaps its latest-track VMs")
@@ -93,6 +95,8 @@ class Config(BaseModel):
     inbox_dir: Path | None = Field(None, description="publish hook: the daemon publishes FILE.qcow2 + FILE.yaml "
                                    "moved here; default STATE_DIR/inbox")
     reconcile_interval: float = Field(10.0, gt=0, le=3600, description="seconds between reconcile passes")
+    events_keep_days: float = Field(30.0, gt=0, description="events older than this are dropped")
+    events_keep_max: int = Field(100_000, ge=100, description="events beyond the newest this many are dropped")
 
     @property
     def store(self) -> Path:
@@ -101,6 +105,11 @@ class Config(BaseModel):
     @property
     def vm_dir(self) -> Path:
         return self.state_dir / "vms"
+
+    @property
+    def data_dir(self) -> Path:
+        """Data disks, one directory per owner: STATE_DIR/data/OWNER/NAME.qcow2."""
+        return self.state_dir / "data"
 
     @property
     def db_path(self) -> Path:

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import sdnotify
 from inotify_simple import INotify
@@ -43,14 +44,14 @@ from inotify_simple import flags as inflags
 
 from agent.config import Config, Quota, Role
 from agent.domxml import GuestFilter
-from agent.errors import EnvError, HvError, Unauthorized
+from agent.errors import EnvError, HvError, Unauthorized, one_line
 from agent.host import Host
 from agent.hostnet import guest_filter
 from agent.manifest import Manifest
 from agent.provision import VmPaths, make_overlay
 from agent.spec import Restart, VmSpec
-from agent.state import RolloutState, VmState, host_lock, logfmt
-from agent.virt import FAILURE_REASONS, DomState, LifecycleEvent, LifecycleWatch, start_event_loop
+from agent.state import RolloutState, VmRow, VmState, logfmt
+from agent.virt import FAILURE_REASONS, DomState, DomStatus, LifecycleEvent, LifecycleWatch, start_event_loop
 
 log = logging.getLogger("hvagent.daemon")
 
@@ -79,7 +80,8 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.stop = threading.Event()
-        self.wake = threading.Event()
+        self.wake = threading.Event()  # the engine's next pass now
+        self.rollout_wake = threading.Event()  # the rollout thread's next batch now
         self._local = threading.local()
         self._hosts: list[Host] = []
         self._hosts_lock = threading.Lock()
@@ -108,8 +110,13 @@ class Daemon:
     @contextmanager
     def locked(self) -> Iterator[Host]:
         host = self.host()
-        with host_lock(self.cfg.state_dir):
+        with host.lock:
             yield host
+
+    def poke(self) -> None:
+        """Something changed (a publish, a rollout asked for): the engine and the rollouts look now."""
+        self.wake.set()
+        self.rollout_wake.set()
 
     # -- authentication ------------------------------------------------------------------------
     def authenticate(self, token: str) -> Principal:
@@ -140,7 +147,7 @@ class Daemon:
         faulthandler.enable(file=sys.stderr, all_threads=True)
         start_event_loop()  # before any libvirt connection is opened
         host = self.host()
-        with host_lock(self.cfg.state_dir):
+        with host.lock:
             host.recover()
         self.cfg.inbox.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._write_local_token()
@@ -151,6 +158,7 @@ class Daemon:
                 self.watch_health(row.name)
         sockets = self._bind()
         threads = [threading.Thread(target=self._engine, name="engine", daemon=True),
+                   threading.Thread(target=self._rollouts, name="rollouts", daemon=True),
                    threading.Thread(target=self._inbox, name="inbox", daemon=True),
                    threading.Thread(target=self._watchdog, name="watchdog", daemon=True)]
         for t in threads:
@@ -163,8 +171,9 @@ class Daemon:
             self.notifier.notify("STOPPING=1")
             log.info(logfmt({"msg": "stopping: the engine finishes its current step"}))
             self.stop.set()
-            self.wake.set()
-            threads[0].join(timeout=self.cfg.shutdown_timeout + self.cfg.health_timeout + 60)
+            self.poke()
+            threads[0].join(timeout=self.cfg.shutdown_timeout + 60)
+            threads[1].join(timeout=self.cfg.shutdown_timeout + 2 * self.cfg.health_timeout + 60)
             self._waiters.shutdown(wait=False, cancel_futures=True)
             self.cfg.api.socket.unlink(missing_ok=True)
             if self.watch is not None:
@@ -212,8 +221,9 @@ class Daemon:
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         if usec <= 0:
             return
-        # A batch may legitimately hold the engine for a shutdown plus a health timeout.
-        limit = self.cfg.reconcile_interval * 3 + self.cfg.shutdown_timeout + self.cfg.health_timeout + 60
+        # The engine never awaits a guest's health; it may wait for the host lock while a swap
+        # shuts its batch down (shutdown_timeout), never while a swap awaits health.
+        limit = self.cfg.reconcile_interval * 3 + self.cfg.shutdown_timeout + 120
         while not self.stop.wait(usec / 2e6):
             if time.monotonic() - self.beat < limit:
                 self.notifier.notify("WATCHDOG=1")
@@ -248,28 +258,48 @@ class Daemon:
             self.wake.clear()
 
     def tick(self) -> None:
-        """One pass: lifecycle events, reconcile, retirement deadlines, one rollout batch."""
+        """One pass: lifecycle events, recovery of cut-short operations, reconcile, event retention.
+
+        Nothing here waits on a guest: rollouts and retirement moves (which await guests' health)
+        run on their own thread, so this pass, and systemd's watchdog with it, keeps its pace.
+        """
         host = self.host()
         if self.watch is not None and not self.watch.connected:
             self.watch.ensure()
         self._lifecycle_events(host)
-        with host_lock(self.cfg.state_dir):
-            if host.state.pending():
-                # Every operation clears its journal entry before it lets go of the lock; an entry
-                # seen here was cut short (libvirtd went away mid-swap, say): finish or undo it now.
+        with host.lock:
+            if host.state.orphaned():
+                # Every operation clears its journal entry, or parks it while it awaits health, before
+                # it lets go of the lock; another entry was cut short (libvirtd went away mid-swap,
+                # say): finish or undo it now.
                 log.warning(logfmt({"msg": "interrupted operations in the journal; recovering"}))
                 host.recover()
             self.reconcile(host)
-            host.rollouts.enforce_retirements(_say)
-        if self.stop.is_set():
-            return
-        for ro in host.state.rollouts(active_only=True):
-            if ro.state is RolloutState.RUNNING:
-                with host_lock(self.cfg.state_dir):
-                    self.beat = time.monotonic()
-                    if host.rollouts.step(ro.id, _say):
-                        self.wake.set()  # straight on to the next batch
-                break
+            host.state.prune_events(self.cfg.events_keep_days * 86400, self.cfg.events_keep_max)
+
+    def _rollouts(self) -> None:
+        """Rollout batches and retirement moves, one batch per hold of the host lock (which each
+        swap lets go of while it awaits its guests' health)."""
+        host = self.host()
+        while not self.stop.is_set():
+            try:
+                with host.lock:
+                    host.rollouts.enforce_retirements(_say)
+                busy = False
+                for ro in host.state.rollouts(active_only=True):
+                    if ro.state is RolloutState.RUNNING and not self.stop.is_set():
+                        with host.lock:
+                            busy = host.rollouts.step(ro.id, _say)
+                        break
+            except HvError as e:
+                log.warning(logfmt({"msg": f"rollouts: {e}"}))
+                busy = False
+            except Exception:
+                log.exception("rollout pass failed")
+                busy = False
+            if not busy:
+                self.rollout_wake.wait(self.cfg.reconcile_interval)
+                self.rollout_wake.clear()
 
     def _lifecycle_events(self, host: Host) -> None:
         while True:
@@ -304,30 +334,35 @@ class Daemon:
         for row in rows:
             if row.name in busy or row.state not in SETTLED:
                 continue
-            st = statuses.get(row.name)
-            if st is not None and st.uuid != row.uuid:
-                if row.reason != "a domain hvagent did not create has taken its name":
-                    host.state.update_vm(row.name, state=VmState.FAILED,
-                                         reason="a domain hvagent did not create has taken its name")
-                    host.state.event("vm.failed", "a foreign domain has its name; left alone", vm=row.name)
-                continue
-            if st is None:
-                self._recreate(host, row.name, start=row.state is not VmState.STOPPED)
-                done["recreated"] += 1
-                continue
-            if row.state is VmState.RUNNING and st.state is DomState.SHUTOFF:
-                policy = Restart(VmSpec.model_validate(row.spec).restart)
-                if policy is Restart.ALWAYS or (policy is Restart.ON_FAILURE and st.reason in FAILURE_REASONS):
-                    host.virt.start(row.name)
-                    host.state.event("vm.restarted", f"was shut off ({st.reason}); restart policy {policy}",
-                                     vm=row.name)
-                    done["restarted"] += 1
-                else:
-                    host.state.update_vm(row.name, state=VmState.STOPPED,
-                                         reason=f"shut off ({st.reason}); restart policy {policy}")
-                    host.state.event("vm.stopped", f"stays off ({st.reason}); restart policy {policy}", vm=row.name)
-                    done["stopped"] += 1
+            try:
+                self._reconcile_one(host, row, statuses.get(row.name), done)
+            except Exception:  # one VM's trouble never ends the pass for the others
+                log.exception("reconcile of %s", row.name)
         return done
+
+    def _reconcile_one(self, host: Host, row: VmRow, st: DomStatus | None, done: dict[str, int]) -> None:
+        if st is not None and st.uuid != row.uuid:
+            if row.reason != "a domain hvagent did not create has taken its name":
+                host.state.update_vm(row.name, state=VmState.FAILED,
+                                     reason="a domain hvagent did not create has taken its name")
+                host.state.event("vm.failed", "a foreign domain has its name; left alone", vm=row.name)
+            return
+        if st is None:
+            self._recreate(host, row.name, start=row.state is not VmState.STOPPED)
+            done["recreated"] += 1
+            return
+        if row.state is VmState.RUNNING and st.state is DomState.SHUTOFF:
+            policy = Restart(VmSpec.model_validate(row.spec).restart)
+            if policy is Restart.ALWAYS or (policy is Restart.ON_FAILURE and st.reason in FAILURE_REASONS):
+                host.virt.start(row.name)
+                host.state.event("vm.restarted", f"was shut off ({st.reason}); restart policy {policy}",
+                                 vm=row.name)
+                done["restarted"] += 1
+            else:
+                host.state.update_vm(row.name, state=VmState.STOPPED,
+                                     reason=f"shut off ({st.reason}); restart policy {policy}")
+                host.state.event("vm.stopped", f"stays off ({st.reason}); restart policy {policy}", vm=row.name)
+                done["stopped"] += 1
 
     def _refresh_guest_filter(self, host: Host) -> None:
         """Bridged guests: their nwfilter follows the host's addresses (libvirt re-applies it)."""
@@ -378,35 +413,49 @@ class Daemon:
             log.error(logfmt({"msg": f"inbox {inbox}: cannot watch ({e.strerror}); publish hook off"}))
             return
         with ino:
-            self.scan_inbox()
+            pending = True  # scan once at start: files may have arrived while the daemon was down
             while not self.stop.is_set():
-                if ino.read(timeout=1000):
-                    self.scan_inbox()
+                if pending:
+                    try:
+                        self.scan_inbox()
+                    except Exception:  # the hook outlives any one failure (say, failed/ unwritable)
+                        log.exception("inbox scan")
+                pending = bool(ino.read(timeout=1000))
 
     def scan_inbox(self) -> None:
-        """Publish every FILE.qcow2 whose FILE.yaml has arrived; failures go to failed/ with a reason."""
-        inbox = self.cfg.inbox
-        for manifest in sorted(inbox.glob("*.yaml")):
+        """Publish every FILE.qcow2 whose FILE.yaml has arrived; failures go to failed/ with a reason.
+
+        One file's trouble, even one this code did not foresee, never stops the others."""
+        for manifest in sorted(self.cfg.inbox.glob("*.yaml")):
             image = manifest.with_suffix(".qcow2")
             if not image.exists() or manifest.name.startswith("."):
                 continue
             try:
-                with self.locked() as host:
-                    row = host.catalog.publish(image, manifest)
-                    host.state.event("image.inbox", f"{row.ref} published from the inbox")
-                    host.rollouts.on_publish(row)
-            except HvError as e:
-                failed = inbox / "failed"
-                failed.mkdir(mode=0o700, exist_ok=True)
-                for f in (image, manifest):
-                    if f.exists():
-                        shutil.move(f, failed / f.name)
-                (failed / f"{image.stem}.error").write_text(f"{e}\n")
-                self.host().state.event("image.inbox-failed", f"{image.name}: {e}")
-                continue
-            image.unlink(missing_ok=True)
-            manifest.unlink(missing_ok=True)
-            self.wake.set()
+                self._publish_from_inbox(image, manifest)
+            except Exception:
+                log.exception("inbox: %s", one_line(image.name))
+
+    def _publish_from_inbox(self, image: Path, manifest: Path) -> None:
+        try:
+            with self.locked() as host:
+                row = host.catalog.publish(image, manifest)
+                host.state.event("image.inbox", f"{row.ref} published from the inbox")
+                host.rollouts.on_publish(row)
+        except Exception as e:
+            if not isinstance(e, HvError):
+                log.exception("inbox: publishing %s", one_line(image.name))
+                e = EnvError(f"{image.name}: internal error ({e.__class__.__name__}); see the daemon's log")
+            failed = self.cfg.inbox / "failed"
+            failed.mkdir(mode=0o700, exist_ok=True)
+            for f in (image, manifest):
+                if f.exists():
+                    shutil.move(f, failed / f.name)
+            (failed / f"{image.stem}.error").write_text(f"{one_line(str(e))}\n")
+            self.host().state.event("image.inbox-failed", f"{image.name}: {e}")
+            return
+        image.unlink(missing_ok=True)
+        manifest.unlink(missing_ok=True)
+        self.poke()
 
 
 def _utc(t: datetime) -> datetime:

@@ -2,6 +2,27 @@
 
 from __future__ import annotations
 
+import re
+
+# C0 controls, DEL, C1 controls and the Unicode line and paragraph separators: what can end a
+# line or drive a terminal when a name, a field or a guest's words are echoed back.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) <= 0xFF else f"\\u{ord(c):04x}")
+
+
+def one_line(text: str) -> str:
+    """``text`` with each control character shown as a visible escape (``\\n``, ``\\x1b``, ``\\u2028``).
+
+    For display, not for decoding: a backslash is left as it is, so applying it twice changes
+    nothing (a message escaped where it is made passes unchanged where it is printed).
+    """
+    return _CONTROL.sub(_escape, text)
+
 
 class HvError(Exception):
     """A failure the user can act on. Printed as one line; exit status ``exit_code``."""
@@ -10,6 +31,7 @@ class HvError(Exception):
     http_status = 400
 
     def __init__(self, message: str, hint: str | None = None) -> None:
+        message, hint = one_line(message), None if hint is None else one_line(hint)
         super().__init__(message)
         self.message = message
         self.hint = hint

@@ -18,10 +18,13 @@ POINTS: tuple[str, ...] = (
     "provision.defined", "provision.started",
     # destroy
     "destroy.journaled", "destroy.domain-gone", "destroy.files-gone",
+    # purge of a kept data disk
+    "purge-disk.journaled", "purge-disk.file-gone",
     # publish
     "publish.copied", "publish.checked", "publish.linked", "publish.recorded",
     # swap (one VM of a rollout) and its rollback
-    "swap.journaled", "swap.prepared", "swap.shutoff", "swap.defined", "swap.started", "swap.committed",
+    "swap.journaled", "swap.prepared", "swap.shutoff", "swap.defined", "swap.started", "swap.parked",
+    "swap.committed",
     "rollback.marked", "rollback.defined",
     # retirement and garbage collection
     "retire.recorded", "gc.journaled", "gc.row-deleted",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import select
 import shlex
 import time
 from collections.abc import Callable
@@ -17,6 +18,10 @@ from agent.errors import HealthError, HvError
 
 if TYPE_CHECKING:
     import paramiko
+
+# What a guest command's result keeps of each stream; beyond it, output is read and dropped.
+OUTPUT_LIMIT = 64 * 1024
+_CHUNK = 64 * 1024
 
 # paramiko (and its crypto stack, about 20 MiB resident) loads on the first SSH connection, not
 # with the daemon: an idle host agent does not pay for it.
@@ -41,6 +46,40 @@ class Result:
     status: int
     stdout: str
     stderr: str
+    dropped: int = 0  # bytes of output beyond OUTPUT_LIMIT, read and not kept
+
+
+Sink = Callable[[bytes], None]
+
+
+class Head:
+    """The first ``limit`` bytes written to it (a command's report starts there); the rest is dropped."""
+
+    def __init__(self, limit: int = OUTPUT_LIMIT) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def __call__(self, chunk: bytes) -> None:
+        kept = chunk[:max(self.limit - len(self.data), 0)]
+        self.data += kept
+        self.dropped += len(chunk) - len(kept)
+
+
+class Tail:
+    """The last ``limit`` bytes written to it (a failing command's reason is there); the rest is dropped."""
+
+    def __init__(self, limit: int = OUTPUT_LIMIT) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def __call__(self, chunk: bytes) -> None:
+        kept = chunk[-self.limit:]
+        self.data += kept
+        excess = max(len(self.data) - self.limit, 0)
+        del self.data[:excess]
+        self.dropped += len(chunk) - len(kept) + excess
 
 
 def _client(ep: Endpoint, agent_key: str, timeout: float) -> paramiko.SSHClient:
@@ -53,29 +92,67 @@ def _client(ep: Endpoint, agent_key: str, timeout: float) -> paramiko.SSHClient:
     client.get_host_keys().add(name, ktype, key)
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     pkey = paramiko.Ed25519Key.from_private_key(io.StringIO(agent_key))
-    client.connect(ep.host, ep.port, username=ep.user, pkey=pkey, timeout=timeout, banner_timeout=timeout,
-                   auth_timeout=timeout, allow_agent=False, look_for_keys=False)
+    try:
+        client.connect(ep.host, ep.port, username=ep.user, pkey=pkey, timeout=timeout, banner_timeout=timeout,
+                       auth_timeout=timeout, allow_agent=False, look_for_keys=False)
+    except BaseException:
+        client.close()  # a failed connect leaves its transport thread running otherwise
+        raise
     return client
 
 
-def run(ep: Endpoint, agent_key: str, command: str, timeout: float = 30.0) -> Result:
-    """Run ``command`` in the guest; TimeoutError if it has not finished within ``timeout`` s.
+def run(ep: Endpoint, agent_key: str, command: str, timeout: float = 30.0, *,
+        stdout: Sink | None = None, stderr: Sink | None = None) -> Result:
+    """Run ``command`` in the guest; TimeoutError if it has not finished within ``timeout`` s of the call.
 
-    The output is read before the exit status (a command that prints more than the channel's
-    window would otherwise never finish), and the status is awaited with a deadline: paramiko's
-    ``recv_exit_status`` waits forever, which would hang a health check on a guest that accepts
-    the command and never completes it.
+    Output goes to the sinks ``stdout`` and ``stderr`` as it arrives. Without them the result
+    keeps the head of stdout and the tail of stderr, OUTPUT_LIMIT bytes each: the rest is read
+    and dropped, so a guest that prints without end costs the host no memory, and its command
+    still runs to its exit status (or to the deadline). Both streams are read as they come, as
+    unread output of either would fill the channel's window and stall the command; the status
+    is awaited with the same deadline (paramiko's ``recv_exit_status`` waits forever).
     """
+    if timeout <= 0:
+        raise TimeoutError(f"{command!r}: no time left to run it")
+    deadline = time.monotonic() + timeout
+    late = f"{command!r} did not finish within {timeout:.0f} s"
+    head, tail = Head(), Tail()
     client = _client(ep, agent_key, min(timeout, 15.0))
     try:
-        deadline = time.monotonic() + timeout
-        _, out, err = client.exec_command(command, timeout=timeout)  # each read: at most timeout s
-        stdout, stderr = out.read(), err.read()
-        if not out.channel.status_event.wait(max(deadline - time.monotonic(), 0.0)):
-            raise TimeoutError(f"{command!r} did not finish within {timeout:.0f} s")
-        return Result(out.channel.exit_status, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+        transport = client.get_transport()
+        if transport is None:
+            raise EOFError("ssh: connection closed")
+        if (left := deadline - time.monotonic()) <= 0:  # connecting took it all (each phase has its limit)
+            raise TimeoutError(late)
+        chan = transport.open_session(timeout=left)
+        chan.exec_command(command)
+        _pump(chan, stdout or head, stderr or tail, deadline, late)
+        return Result(chan.exit_status, head.data.decode(errors="replace"), tail.data.decode(errors="replace"),
+                      head.dropped + tail.dropped)
     finally:
         client.close()
+
+
+def _pump(chan: paramiko.Channel, stdout: Sink, stderr: Sink, deadline: float, late: str) -> None:
+    """Feed the channel's output to the sinks until the command closed it and reported its status."""
+    while True:
+        ended = chan.eof_received or chan.closed  # read first: output that came before it is buffered
+        busy = False
+        if chan.recv_ready():
+            stdout(chan.recv(_CHUNK))
+            busy = True
+        if chan.recv_stderr_ready():
+            stderr(chan.recv_stderr(_CHUNK))
+            busy = True
+        if ended and not busy:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(late)
+        if not busy:
+            select.select([chan], [], [], left)
+    if not chan.status_event.wait(max(deadline - time.monotonic(), 0.0)):
+        raise TimeoutError(late)
 
 
 def os_release(text: str) -> dict[str, str]:
@@ -96,12 +173,20 @@ class Check:
     final: bool = False  # a failure that never fixes itself: stop waiting
 
 
-def check_once(ep: Endpoint, agent_key: str, expected_version_id: str, command: str | None) -> Check:
-    """One health probe: pinned host key, our key accepted, VERSION_ID, optional command."""
+def check_once(ep: Endpoint, agent_key: str, expected_version_id: str, command: str | None,
+               deadline: float | None = None) -> Check:
+    """One health probe: pinned host key, our key accepted, VERSION_ID, optional command.
+
+    Each step has its own time limit, and none runs past ``deadline`` (``time.monotonic``), the
+    end of the whole health wait.
+    """
     import paramiko
 
+    def limit(seconds: float) -> float:
+        return seconds if deadline is None else min(seconds, deadline - time.monotonic())
+
     try:
-        r = run(ep, agent_key, "cat /etc/os-release", timeout=20)
+        r = run(ep, agent_key, "cat /etc/os-release", timeout=limit(20))
     except paramiko.BadHostKeyException:
         return Check(False, "guest presented a host key other than the pinned one", final=True)
     except paramiko.SSHException as e:
@@ -113,7 +198,9 @@ def check_once(ep: Endpoint, agent_key: str, expected_version_id: str, command: 
         return Check(False, f"guest reports VERSION_ID={version_id!r}, expected {expected_version_id!r}", version_id)
     if command:
         try:
-            c = run(ep, agent_key, command, timeout=60)
+            c = run(ep, agent_key, command, timeout=limit(60))
+        except TimeoutError as e:
+            return Check(False, f"health command: {e}", version_id)
         except (paramiko.SSHException, OSError, EOFError) as e:
             return Check(False, f"health command: ssh failed: {e}", version_id)
         if c.status != 0:
@@ -138,6 +225,7 @@ def wait_healthy(ep: Endpoint, agent_key: str, expected_version_id: str, command
         retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
     )
     target = ep
+    deadline = time.monotonic() + timeout
 
     def probe() -> Check:
         nonlocal target
@@ -156,7 +244,7 @@ def wait_healthy(ep: Endpoint, agent_key: str, expected_version_id: str, command
             if address is None:
                 return Check(False, "no address yet (waiting for the guest's DHCP lease)")
             target = replace(target, host=address, locate=None)
-        return check_once(target, agent_key, expected_version_id, command)
+        return check_once(target, agent_key, expected_version_id, command, deadline=deadline)
 
     last = retrying(probe)
     if last is None or not last.ok:

@@ -16,7 +16,7 @@ from agent.errors import Conflict, EnvError
 from agent.provision import Provisioner
 from agent.rollout import Rollouts
 from agent.spec import Spec, VmSpec
-from agent.state import State
+from agent.state import HostLock, State
 from agent.swap import Swapper
 from agent.virt import Virt
 
@@ -36,10 +36,12 @@ class Host:
             raise EnvError(f"{cfg.state_dir}: state directory is not writable ({e.strerror})",
                            hint="run as root or set state_dir in the configuration") from e
         self.state = State(cfg.db_path)
+        self.lock = HostLock(cfg.state_dir)  # this thread's hold of the host lock
         self.catalog = Catalog(cfg, self.state)
         self.virt = Virt(cfg.libvirt_uri, attempts=libvirt_attempts)
         self.provisioner = Provisioner(cfg, self.state, self.catalog, self.virt, self.accelerator)
-        self.swapper = Swapper(cfg, self.state, self.catalog, self.virt, self.provisioner, self.accelerator)
+        self.swapper = Swapper(cfg, self.state, self.catalog, self.virt, self.provisioner, self.accelerator,
+                               self.lock)
         self.rollouts = Rollouts(cfg, self.state, self.catalog, self.swapper)
         self._accel: DomainType | None = None
 
@@ -67,6 +69,7 @@ class Host:
         return [vm.name for vm in new]
 
     def recover(self) -> None:
+        """Finish or undo what a crashed process left in the journal (never another live one's work)."""
         self.catalog.recover()
         self.provisioner.recover()
         self.swapper.recover()

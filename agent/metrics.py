@@ -1,7 +1,8 @@
 """Prometheus metrics, read from the state database at scrape time.
 
 The database is the record (CLI and daemon both write it), so the figures survive restarts and
-count what a CLI did while the daemon was down.
+count what a CLI did while the daemon was down. Counters are kept as events are written (not
+counted from the events, which are pruned), so a scrape costs the same whatever the history.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.state import COUNTED
+
 if TYPE_CHECKING:
     from agent.host import Host
 
-SWAP_BUCKETS = (5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0)
 
 
 class StateCollector(Collector):
@@ -32,8 +34,7 @@ class StateCollector(Collector):
             vms.add_metric([st, image, version, track], n)
         yield vms
 
-        counts = state.event_counts(("swap.done", "swap.failed", "rollback.done", "rollback.failed",
-                                     "vm.restarted", "vm.recreated"))
+        counts = state.event_counts(COUNTED)
         swaps = CounterMetricFamily("hvagent_swaps", "swaps by outcome", labels=["outcome"])
         swaps.add_metric(["done"], counts["swap.done"])
         swaps.add_metric(["failed"], counts["swap.failed"])
@@ -47,11 +48,11 @@ class StateCollector(Collector):
         repairs.add_metric(["recreated"], counts["vm.recreated"])
         yield repairs
 
-        durations = state.event_durations("swap.done")
-        buckets = [(str(b), sum(1 for d in durations if d <= b)) for b in SWAP_BUCKETS]
-        buckets.append(("+Inf", len(durations)))
+        bounds, count, total = state.downtime_histogram()
+        buckets = [(str(b), n) for b, n in bounds]
+        buckets.append(("+Inf", count))
         yield HistogramMetricFamily("hvagent_swap_downtime_seconds", "SSH-unreachable window of each swap",
-                                    buckets=buckets, sum_value=sum(durations))
+                                    buckets=buckets, sum_value=total)
 
         rollouts = GaugeMetricFamily("hvagent_rollouts", "rollouts by family, target and state",
                                      labels=["family", "target", "state"])

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent import proc
 from agent.catalog import Catalog
@@ -27,7 +28,7 @@ from agent.hostnet import require_bridge_filtering
 from agent.manifest import Manifest
 from agent.seed import KeyPair, load_or_create_keypair, meta_data, new_ed25519, user_data, write_keypair, write_seed
 from agent.spec import NetMode, VmSpec
-from agent.state import ImageRow, State, VmRow, VmState
+from agent.state import DiskRow, ImageRow, State, VmRow, VmState
 from agent.virt import Virt
 
 Say = Callable[[str], None]
@@ -35,12 +36,14 @@ Say = Callable[[str], None]
 
 @dataclass(frozen=True)
 class VmPaths:
+    """A VM's own files: removed with it, so nothing of them reaches a later VM of its name. Its
+    data disk is not here: disks belong to their owner (``Provisioner.data_disk_path``)."""
+
     root: Path
-    data: Path
 
     @classmethod
     def of(cls, cfg: Config, name: str) -> VmPaths:
-        return cls(cfg.vm_dir / name, cfg.state_dir / "data" / f"{name}.qcow2")
+        return cls(cfg.vm_dir / name)
 
     def os_disk(self, version: str) -> Path:
         return self.root / f"os-{version}.qcow2"
@@ -53,9 +56,9 @@ class VmPaths:
     def nvram(self) -> Path:
         return self.root / "nvram.fd"
 
-    @property
-    def console(self) -> Path:
-        return self.root / "console.log"
+    def console(self, vm_uuid: str) -> Path:
+        """The serial console log, named by the VM's UUID (one VM's output never reads as another's)."""
+        return self.root / f"console-{vm_uuid}.log"
 
     @property
     def host_key(self) -> Path:
@@ -99,12 +102,15 @@ class Provisioner:
             require_bridge_filtering()
         vm_uuid = str(uuid.uuid4())
         now = self.state.clock()
+        kept = self.kept_disk(spec)
+        disk = kept or (DiskRow(spec.owner, spec.name, spec.data_disk, str(self.data_disk_path(spec.owner, spec.name)),
+                                vm_uuid, now) if spec.data_disk else None)
         row = VmRow(spec.name, spec.owner, spec.image, image.name, image.version, VmState.PROVISIONING, None,
                     vm_uuid, self._new_mac(), port, f"{spec.name}-{secrets.token_hex(4)}",
                     spec.model_dump(mode="json"), spec.digest(), now, now)
-        data_existed = paths.data.exists()
-        intent = self.state.begin("provision", spec.name, {"root": str(paths.root), "data": str(paths.data),
-                                                            "data_existed": data_existed})
+        disk_intent = None if disk is None else {"owner": disk.owner, "name": disk.name, "path": disk.path,
+                                                 "new": kept is None}
+        intent = self.state.begin("provision", spec.name, {"root": str(paths.root), "disk": disk_intent})
         fault("provision.journaled")
         try:
             self.state.add_vm(row)
@@ -118,12 +124,16 @@ class Provisioner:
             fault("provision.overlay")
             self.write_vm_seed(row, paths)
             fault("provision.seed")
-            if spec.data_disk:
-                if data_existed:
-                    say(f"{spec.name}: reusing data disk {paths.data}")
-                else:
-                    paths.data.parent.mkdir(mode=0o711, exist_ok=True)
-                    proc.run(["qemu-img", "create", "-q", "-f", "qcow2", paths.data, f"{spec.data_disk}G"])
+            if kept is not None:
+                self.state.attach_disk(kept.owner, kept.name, vm_uuid)
+                say(f"{spec.name}: its owner's kept data disk {kept.name} ({kept.size_gib} GiB)")
+                fault("provision.data-disk")
+            elif disk is not None:
+                self.state.add_disk(disk)
+                data = Path(disk.path)
+                data.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+                os.chmod(self.cfg.data_dir, 0o711)
+                proc.run(["qemu-img", "create", "-q", "-f", "qcow2", data, f"{spec.data_disk}G"])
                 fault("provision.data-disk")
             self.virt.define(self.domain(row, manifest, accel))
             fault("provision.defined")
@@ -133,7 +143,7 @@ class Provisioner:
             else:
                 self.state.update_vm(spec.name, state=VmState.STOPPED, reason="created stopped")
         except BaseException:
-            self._undo_create(spec.name, paths, data_existed)
+            self._undo_create(spec.name, paths, disk_intent)
             self.state.done(intent)
             raise
         self.state.done(intent)
@@ -141,6 +151,29 @@ class Provisioner:
         created = self.state.vm(spec.name)
         assert created is not None
         return created
+
+    def data_disk_path(self, owner: str, name: str) -> Path:
+        return self.cfg.data_dir / owner / f"{name}.qcow2"
+
+    def kept_disk(self, spec: VmSpec) -> DiskRow | None:
+        """The owner's kept disk that a new VM of this name and owner attaches again, if it asks for
+        a data disk; refused when the sizes differ. Another owner's disk is never looked at."""
+        if not spec.data_disk:
+            return None
+        kept = self.state.disk(spec.owner, spec.name)
+        if kept is None:
+            return None
+        if kept.vm_uuid is not None:
+            raise Conflict(f"vms: {spec.name}: data_disk: {spec.owner}'s disk {spec.name} is attached to another VM")
+        if kept.size_gib != spec.data_disk:
+            raise InputError(f"vms: {spec.name}: data_disk: {spec.owner}'s kept disk {spec.name} is "
+                             f"{kept.size_gib} GiB; ask for data_disk: {kept.size_gib} to attach it again, or purge "
+                             f"it first (hvagent disks purge {spec.name} --owner {spec.owner})")
+        return kept
+
+    def health_timeout(self, spec: VmSpec) -> float:
+        """The spec's health timeout, capped by the host's: a tenant never sets how long we wait."""
+        return min(float(spec.health.timeout), self.cfg.health_timeout)
 
     def wait(self, name: str) -> VmRow:
         """Wait for health; the VM ends ``running`` or ``failed`` with the reason kept."""
@@ -150,7 +183,7 @@ class Provisioner:
         started = self.state.clock()
         try:
             wait_healthy(self.endpoint(row, wait=True), self.agent_key.private, manifest.expected_version_id,
-                         spec.health.command, spec.health.timeout, halted=lambda: self.virt.halted(name))
+                         spec.health.command, self.health_timeout(spec), halted=lambda: self.virt.halted(name))
         except HealthError as e:
             if self.state.vm(name) is None:
                 raise NotFound(f"vm {name}: destroyed while waiting for its health") from e
@@ -171,32 +204,45 @@ class Provisioner:
                 "memory": cfg.capacity_memory_mib or max(memory - 1024, 64),
                 "data_disk": cfg.capacity_disk_gib or st.f_frsize * st.f_blocks // (1 << 30)}
 
+    def disk_use(self, owner: str | None = None) -> int:
+        """GiB of data disks, attached and kept, of one owner or of the whole host."""
+        return sum(d.size_gib for d in self.state.disks(owner))
+
+    def new_disk_gib(self, spec: VmSpec) -> int:
+        """GiB a new VM adds to its owner's and the host's data disks: nothing when it attaches its kept disk."""
+        return 0 if self.kept_disk(spec) is not None else spec.data_disk
+
     def check_capacity(self, new: list[VmSpec]) -> None:
         """Refuse VMs that would take this host beyond its capacity, before anything is created."""
         limits = self.capacity()
-        used = {k: 0 for k in limits}
+        used = {"cpus": 0, "memory": 0, "data_disk": self.disk_use()}
         for row in self.state.vms():
             existing = VmSpec.model_validate(row.spec)
-            for k in used:
-                used[k] += int(getattr(existing, k))
-        units = {"cpus": "vCPUs", "memory": "MiB of memory", "data_disk": "GiB of data disk"}
+            used["cpus"] += existing.cpus
+            used["memory"] += existing.memory
+        units = {"cpus": "vCPUs", "memory": "MiB of memory", "data_disk": "GiB of data disk (kept disks included)"}
         for spec in new:
             if spec.data_disk > self.cfg.max_data_disk_gib:
                 raise InputError(f"vms: {spec.name}: data_disk: {spec.data_disk} GiB exceeds this host's limit of "
                                  f"{self.cfg.max_data_disk_gib} GiB per disk")
+            adds = {"cpus": spec.cpus, "memory": spec.memory, "data_disk": self.new_disk_gib(spec)}
             for k in used:
-                used[k] += int(getattr(spec, k))
+                used[k] += adds[k]
                 if used[k] > limits[k]:
                     raise Conflict(f"vms: {spec.name}: {k}: would take this host to {used[k]} {units[k]}, "
                                    f"beyond its capacity of {limits[k]}")
 
-    def _undo_create(self, name: str, paths: VmPaths, data_existed: bool) -> None:
+    def _undo_create(self, name: str, paths: VmPaths, disk: dict[str, Any] | None) -> None:
         if self.virt.is_managed(name):
             self.virt.destroy(name)
             self.virt.undefine(name)
         shutil.rmtree(paths.root, ignore_errors=True)
-        if not data_existed:
-            paths.data.unlink(missing_ok=True)
+        if disk is not None:
+            if disk["new"]:
+                Path(disk["path"]).unlink(missing_ok=True)
+                self.state.delete_disk(disk["owner"], disk["name"])
+            else:
+                self.state.attach_disk(disk["owner"], disk["name"], None)  # kept again, as it was
         self.state.delete_vm(name)
 
     def write_vm_seed(self, row: VmRow, paths: VmPaths) -> None:
@@ -212,7 +258,10 @@ class Provisioner:
         base = Path(self._image(row).path)
         disks = [Disk(paths.os_disk(row.version), "vda", backing=base)]
         if spec.data_disk:
-            disks.append(Disk(paths.data, "vdb", serial="hvagent-data"))
+            data = self.state.disk_of(row.uuid)
+            if data is None:
+                raise EnvError(f"vm {row.name}: its data disk is not in the state database")
+            disks.append(Disk(Path(data.path), "vdb", serial="hvagent-data"))
         disks.append(Disk(paths.seed, "vdz", fmt="raw", readonly=True, serial="cidata"))
         nic: UserNet | NetworkNic
         if spec.network.mode is NetMode.USER:
@@ -222,7 +271,7 @@ class Provisioner:
             nic = NetworkNic(row.mac, network=spec.network.name, bridge=spec.network.bridge)
         return Domain(
             name=row.name, uuid=row.uuid, memory_mib=spec.memory, vcpus=spec.cpus, firmware=manifest.firmware,
-            dtype=accel, disks=tuple(disks), nic=nic, console_log=paths.console,
+            dtype=accel, disks=tuple(disks), nic=nic, console_log=paths.console(row.uuid),
             nvram=paths.nvram if manifest.firmware is Firmware.UEFI else None,
             metadata=Metadata(row.owner, row.track, row.image, row.version, row.instance_id, row.host_port,
                               row.spec_hash),
@@ -230,7 +279,11 @@ class Provisioner:
 
     # destroy -------------------------------------------------------------------------------
     def destroy(self, name: str, purge: bool = False) -> None:
+        """Remove the VM; its data disk stays, kept for its owner, unless ``purge``."""
         row = self.row(name)
+        if row.state in (VmState.SWAPPING, VmState.ROLLING_BACK) or \
+                any(it.target == name and it.in_flight for it in self.state.pending()):
+            raise Conflict(f"vm {name}: is {row.state}; try again when it settles")
         paths = VmPaths.of(self.cfg, name)
         intent = self.state.begin("destroy", name, {"root": str(paths.root), "purge": purge})
         self.state.update_vm(name, state=VmState.DESTROYING)
@@ -241,25 +294,53 @@ class Provisioner:
             self.virt.undefine(name)
         fault("destroy.domain-gone")
         shutil.rmtree(paths.root, ignore_errors=True)
-        if purge:
-            paths.data.unlink(missing_ok=True)
+        disk = self.state.disk_of(row.uuid)
+        if disk is not None and purge:
+            Path(disk.path).unlink(missing_ok=True)  # the file first: a crash leaves a row to retry with
+            self.state.delete_disk(disk.owner, disk.name)
+        elif disk is not None:
+            self.state.attach_disk(disk.owner, disk.name, None)
         fault("destroy.files-gone")
         self.state.delete_vm(row.name)
-        self.state.event("vm.gone", "destroyed" + (" and purged" if purge else ""), vm=name)
+        self.state.event("vm.gone", "destroyed" + (" and purged" if purge else "")
+                         + (f"; data disk {disk.name} kept for {disk.owner}" if disk and not purge else ""),
+                         vm=name, uuid=row.uuid, owner=row.owner)
         self.state.done(intent)
 
+    def purge_disk(self, owner: str, name: str) -> DiskRow:
+        """Delete a kept data disk (journaled); one attached to a VM is refused."""
+        disk = self.state.disk(owner, name)
+        if disk is None:
+            raise NotFound(f"disk {name}: no such disk")
+        if disk.vm_uuid is not None:
+            raise Conflict(f"disk {name}: in use by VM {name}; destroy it with --purge, or destroy it and then "
+                           "purge the disk")
+        intent = self.state.begin("purge-disk", f"{owner}/{name}", {"owner": owner, "name": name, "path": disk.path})
+        fault("purge-disk.journaled")
+        Path(disk.path).unlink(missing_ok=True)
+        fault("purge-disk.file-gone")
+        self.state.delete_disk(owner, name)
+        self.state.event("disk.purged", f"kept data disk {name} ({disk.size_gib} GiB) of {owner} deleted",
+                         owner=owner)
+        self.state.done(intent)
+        return disk
+
     def recover(self) -> None:
-        """Undo provisions and finish destroys that a crash interrupted."""
-        for it in self.state.pending():
+        """Undo provisions and finish destroys and disk purges that a crash interrupted."""
+        for it in self.state.orphaned():
             if it.op == "provision":
-                paths = VmPaths(Path(it.intent["root"]), Path(it.intent["data"]))
-                self._undo_create(it.target, paths, bool(it.intent["data_existed"]))
+                self._undo_create(it.target, VmPaths(Path(it.intent["root"])), it.intent.get("disk"))
                 self.state.event("vm.recovered", "interrupted provision undone", vm=it.target)
             elif it.op == "destroy":
                 if self.state.vm(it.target) is not None:
                     self.state.done(it.id)
                     self.destroy(it.target, bool(it.intent["purge"]))
                     continue
+            elif it.op == "purge-disk":
+                disk = self.state.disk(it.intent["owner"], it.intent["name"])
+                if disk is None or disk.vm_uuid is None:
+                    Path(it.intent["path"]).unlink(missing_ok=True)
+                    self.state.delete_disk(it.intent["owner"], it.intent["name"])
             else:
                 continue
             self.state.done(it.id)

@@ -10,6 +10,7 @@ Layout per QEMU's docs/interop/qcow2.txt; all fields are big-endian.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import struct
@@ -28,6 +29,8 @@ V3_HEADER_LENGTH = _V2.size + _V3.size  # 104
 
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
+# The header and its extensions lie in the first cluster: these first bytes are all parse_head needs.
+HEAD_BYTES = 1 << MAX_CLUSTER_BITS
 # QEMU's own ceilings (block/qcow2.h): beyond them it refuses the image too.
 MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
@@ -105,19 +108,33 @@ def read_header(path: Path, *, file_size: int | None = None, shown: str | Path |
         os.close(fd)
 
 
+def parse_head(head: bytes, file_size: int | None, shown: str | Path) -> Qcow2Header:
+    """Check the first bytes of an image (``HEAD_BYTES`` of it, or all of a shorter file) before the
+    rest is read or written anywhere. Tables are checked against ``file_size`` when it is known;
+    otherwise only once the whole file is there (``read_header``)."""
+    return _parse(shown, io.BytesIO(head), file_size)
+
+
+def max_file_size(max_virtual_size: int) -> int:
+    """The largest qcow2 file accepted for images of at most ``max_virtual_size`` bytes: the data
+    plus room for its metadata (L1/L2 and refcount tables; clusters of 4 KiB or more need under
+    1/128 of the virtual size) and 16 MiB of header, extensions and slack."""
+    return max_virtual_size + max_virtual_size // 128 + (16 << 20)
+
+
 def check_virtual_size(h: Qcow2Header, limit_bytes: int) -> None:
     """Refuse an image whose virtual size exceeds ``limit_bytes``."""
     if h.size > limit_bytes:
         raise ImageRefused(
-            f"virtual size {h.size} bytes ({_human(h.size)}) exceeds the limit of "
-            f"{limit_bytes} bytes ({_human(limit_bytes)})")
+            f"virtual size {h.size} bytes ({human(h.size)}) exceeds the limit of "
+            f"{limit_bytes} bytes ({human(limit_bytes)})")
 
 
 # --------------------------------------------------------------------------------------------
 
 
 class _Reader:
-    def __init__(self, path: str | Path, f: BinaryIO, file_size: int) -> None:
+    def __init__(self, path: str | Path, f: BinaryIO, file_size: int | None) -> None:
         self.path, self.f, self.file_size = path, f, file_size
 
     def read(self, offset: int, length: int) -> bytes:
@@ -128,11 +145,12 @@ class _Reader:
         return ImageRefused(f"{self.path}: {problem}")
 
 
-def _parse(path: str | Path, f: BinaryIO, file_size: int) -> Qcow2Header:
+def _parse(path: str | Path, f: BinaryIO, file_size: int | None) -> Qcow2Header:
+    """``file_size`` None: not known yet, and at least the first cluster is readable from ``f``."""
     r = _Reader(path, f, file_size)
     head = r.read(0, V3_HEADER_LENGTH + 8)
     if len(head) < 8:
-        raise r.refuse(f"too short for a qcow2 header ({file_size} bytes){_guess_suffix(r)}")
+        raise r.refuse(f"too short for a qcow2 header ({len(head)} bytes){_guess_suffix(r)}")
     magic, version = head[:4], struct.unpack(">I", head[4:8])[0]
     if magic != MAGIC:
         raise r.refuse(f"not a qcow2 image (magic {magic.hex()}){_guess_suffix(r)}")
@@ -140,7 +158,7 @@ def _parse(path: str | Path, f: BinaryIO, file_size: int) -> Qcow2Header:
         raise r.refuse(f"unsupported qcow2 version {version} (accepted: 2, 3)")
     need = V2_HEADER_LENGTH if version == 2 else V3_HEADER_LENGTH
     if len(head) < need:
-        raise r.refuse(f"truncated: {file_size} bytes is shorter than a qcow2 v{version} header ({need})")
+        raise r.refuse(f"truncated: {len(head)} bytes is shorter than a qcow2 v{version} header ({need})")
 
     (_, _, backing_file_offset, backing_file_size, cluster_bits, size, crypt_method, l1_size,
      l1_table_offset, refcount_table_offset, refcount_table_clusters, nb_snapshots,
@@ -220,14 +238,14 @@ def _parse(path: str | Path, f: BinaryIO, file_size: int) -> Qcow2Header:
 def _check_table(r: _Reader, what: str, offset: int, length: int, cluster: int) -> None:
     if offset == 0 or offset % cluster:
         raise r.refuse(f"{what} offset {offset} is not cluster-aligned ({cluster})")
-    if offset + length > r.file_size:
+    if r.file_size is not None and offset + length > r.file_size:
         raise r.refuse(f"{what} at offset {offset} ({length} bytes) lies beyond the end of the file "
                        f"({r.file_size} bytes)")
 
 
 def _check_extensions(r: _Reader, start: int, cluster: int) -> None:
     """Walk the header extensions, which must end inside the first cluster."""
-    end = min(cluster, r.file_size)
+    end = cluster if r.file_size is None else min(cluster, r.file_size)
     area = r.read(start, end - start) if end > start else b""
     pos = 0
     while True:
@@ -265,18 +283,18 @@ def _guess_format(r: _Reader) -> str | None:
         return "a QED image"
     if head.startswith(b"LUKS\xba\xbe"):
         return "a LUKS volume"
-    if r.file_size >= 512 and r.read(r.file_size - 512, 8) == b"conectix":
+    if r.file_size is not None and r.file_size >= 512 and r.read(r.file_size - 512, 8) == b"conectix":
         return "a VHD image (fixed)"
     if head[512:520] == b"EFI PART":
         return "a raw disk with a GPT partition table"
     if head[510:512] == b"\x55\xaa":
         return "a raw disk with an MBR boot signature"
-    if r.file_size > 0x8006 and r.read(0x8001, 5) == b"CD001":
+    if (r.file_size is None or r.file_size > 0x8006) and r.read(0x8001, 5) == b"CD001":
         return "an ISO 9660 image"
     return None
 
 
-def _human(n: int) -> str:
+def human(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if value < 1024 or unit == "PiB":

@@ -199,9 +199,10 @@ class Rollouts:
 
         Call after ``Swapper.recover`` has settled each VM (committed or rolled back).
         """
+        in_flight = {it.target for it in self.state.pending() if it.op == "swap" and it.in_flight}
         for ro in self.state.rollouts(active_only=True):
             for s in self.state.steps(ro.id):
-                if s.state is not StepState.SWAPPING:
+                if s.state is not StepState.SWAPPING or s.vm in in_flight:  # the latter: a live process's
                     continue
                 vm = self.state.vm(s.vm)
                 if vm is not None and vm.version == ro.target:

@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from agent.catalog import Catalog
 from agent.config import Config
 from agent.domxml import DomainType
-from agent.errors import HealthError, HvError, InputError
+from agent.errors import HealthError, HvError, InputError, NotFound
 from agent.faults import point as fault
 from agent.health import Endpoint, wait_healthy
 from agent.manifest import Manifest
 from agent.provision import Provisioner, VmPaths, make_overlay
-from agent.spec import Health as HealthSpec
 from agent.spec import VmSpec
-from agent.state import ImageRow, ImageState, State, VmRow, VmState
+from agent.state import HostLock, ImageRow, ImageState, State, VmRow, VmState
 from agent.version import Version
 from agent.virt import Virt
 
@@ -58,13 +57,15 @@ class _Job:
 
 class Swapper:
     def __init__(self, cfg: Config, state: State, catalog: Catalog, virt: Virt, prov: Provisioner,
-                 accel: Callable[[], DomainType], clock: Callable[[], float] = time.monotonic) -> None:
+                 accel: Callable[[], DomainType], lock: HostLock,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.state = state
         self.catalog = catalog
         self.virt = virt
         self.prov = prov
         self._accel = accel
+        self.lock = lock
         self._clock = clock
 
     def check_target(self, vm: VmRow, target: ImageRow) -> None:
@@ -74,6 +75,8 @@ class Swapper:
                              "and a VM never moves across families")
 
     def swap_batch(self, names: list[str], target: ImageRow, say: Say = lambda _: None) -> list[Outcome]:
+        """Swap ``names`` to ``target`` together; call with the host lock held. The lock is let go
+        while the guests' health is awaited (their tenants decide how long that takes)."""
         base = self.catalog.base_for_use(target)
         manifest = Manifest.model_validate(target.manifest)
         accel = self._accel()
@@ -92,7 +95,7 @@ class Swapper:
         fault("swap.journaled")
 
         # 1. while the old OS still serves: the new overlay and a seed with the new instance-id
-        outcomes: list[Outcome] = []
+        failed: list[tuple[_Job, str]] = []
         prepared: list[_Job] = []
         for job in jobs:
             try:
@@ -101,7 +104,7 @@ class Swapper:
                 prepared.append(job)
                 fault("swap.prepared")
             except HvError as e:
-                outcomes.append(self._rollback(job, target, f"could not prepare {target.ref}: {e.message}"))
+                failed.append((job, f"could not prepare {target.ref}: {e.message}"))
         # 2. graceful shutdown of the whole batch (ACPI, then force after the timeout)
         say(f"shutting down {', '.join(j.old.name for j in prepared)}")
         for job in prepared:
@@ -121,16 +124,18 @@ class Swapper:
                 self.state.event("swap.booting", f"started on {target.ref}", vm=job.old.name)
                 started.append(job)
             except HvError as e:
-                outcomes.append(self._rollback(job, target, f"could not start on {target.ref}: {e.message}"))
-        # 4. health of every started VM, in parallel
+                failed.append((job, f"could not start on {target.ref}: {e.message}"))
+        # 4. health of every started VM, in parallel and without the host lock
         say(f"booting {', '.join(j.old.name for j in started)} on {target.ref}, waiting for health")
-        checks = self._health_all(started, manifest.expected_version_id)
+        checks = self._health_phase([(j.new, j.intent, manifest.expected_version_id) for j in started])
+        outcomes: list[Outcome] = []
         for job, (error, t_up) in zip(started, checks, strict=True):
             job.t_up = t_up
             if error is None:
                 outcomes.append(self._commit(job, target))
             else:
-                outcomes.append(self._rollback(job, target, error))
+                failed.append((job, error))
+        outcomes += self._rollback_all(failed, target)
         order = {n: i for i, n in enumerate(names)}
         return sorted(outcomes, key=lambda o: order[o.vm])
 
@@ -140,32 +145,46 @@ class Swapper:
             self.state.event("swap.forced-off", f"ignored ACPI shutdown for {self.cfg.shutdown_timeout:.0f}s",
                              vm=name)
 
-    def _health_all(self, jobs: list[_Job], expected: str) -> list[tuple[str | None, float]]:
-        """For each VM: None when healthy, else the reason; and when it was decided.
+    def _health_phase(self, probes: list[tuple[VmRow, int, str]]) -> list[tuple[str | None, float]]:
+        """Health of each (VM, its journal entry, expected VERSION_ID): None when healthy, else why
+        not; and when it was decided.
 
-        SSH, and each thread's own libvirt connection for whether QEMU stopped its guest; no
-        database access in threads. Each VM's time is its own, so a batch's fast VMs do not
-        inherit the downtime of its slowest.
+        The host lock is let go meanwhile, so no other tenant's call waits on these guests. Their
+        journal entries are parked (held by this process) for that time: nobody else recovers
+        them while this process lives, and if it dies they are recovered as after any crash.
         """
-        key = self.prov.agent_key.private
-        probes = [(j.new.name, self.prov.endpoint(j.new, wait=True), VmSpec.model_validate(j.new.spec).health)
-                  for j in jobs]
+        if not probes:
+            return []
+        ids = [intent for _, intent, _ in probes]
+        self.state.park(ids)
+        try:
+            with self.lock.released():
+                fault("swap.parked")
+                return self._health_all([(row, expected) for row, _, expected in probes])
+        finally:
+            self.state.park(ids, parked=False)
 
-        def one(probe: tuple[str, Endpoint, HealthSpec]) -> tuple[str | None, float]:
-            name, endpoint, check = probe
+    def _health_all(self, probes: list[tuple[VmRow, str]]) -> list[tuple[str | None, float]]:
+        """SSH, and each thread's own libvirt connection for whether QEMU stopped its guest; no
+        database access in threads. Each VM's time is its own, so a batch's fast VMs do not
+        inherit the downtime of its slowest."""
+        key = self.prov.agent_key.private
+        checks = [(row.name, self.prov.endpoint(row, wait=True), VmSpec.model_validate(row.spec).health.command,
+                   self.prov.health_timeout(VmSpec.model_validate(row.spec)), expected) for row, expected in probes]
+
+        def one(check: tuple[str, Endpoint, str | None, float, str]) -> tuple[str | None, float]:
+            name, endpoint, command, timeout, expected = check
             virt = self.virt.fork()
             try:
-                wait_healthy(endpoint, key, expected, check.command, check.timeout, halted=lambda: virt.halted(name))
+                wait_healthy(endpoint, key, expected, command, timeout, halted=lambda: virt.halted(name))
             except HealthError as e:
                 return e.message, self._clock()
             finally:
                 virt.close()
             return None, self._clock()
 
-        if not jobs:
-            return []
-        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-            return list(pool.map(one, probes))
+        with ThreadPoolExecutor(max_workers=len(checks)) as pool:
+            return list(pool.map(one, checks))
 
     def _commit(self, job: _Job, target: ImageRow) -> Outcome:
         name = job.old.name
@@ -181,34 +200,57 @@ class Swapper:
         self.state.done(job.intent)
         return Outcome(name, True, job.old.version, target.version, downtime=downtime)
 
-    def _rollback(self, job: _Job, target: ImageRow, reason: str) -> Outcome:
-        """Boot the old overlay again with the old instance-id; mark the target bad on this host."""
-        name = job.old.name
-        self.state.event("swap.failed", f"on {target.ref}: {reason}", vm=name)
-        self.state.update_vm(name, state=VmState.ROLLING_BACK, reason=reason)
-        self.state.set_image_state(target.name, target.version, ImageState.BAD)
-        self.state.event("image.bad", f"{target.ref} failed health on {name}: {reason}")
+    def _rollback_all(self, failed: list[tuple[_Job, str]], target: ImageRow) -> list[Outcome]:
+        """Boot each VM's old overlay again with its old instance-id; mark the target bad on this host."""
+        if not failed:
+            return []
+        for job, reason in failed:
+            self.state.event("swap.failed", f"on {target.ref}: {reason}", vm=job.old.name)
+            self.state.update_vm(job.old.name, state=VmState.ROLLING_BACK, reason=reason)
+            self.state.set_image_state(target.name, target.version, ImageState.BAD)
+            self.state.event("image.bad", f"{target.ref} failed health on {job.old.name}: {reason}")
         fault("rollback.marked")
         t0 = self._clock()
-        healthy = self._restore(job.old, target.version)
-        self.state.done(job.intent)
-        if healthy is None:
-            self.state.update_vm(name, state=VmState.RUNNING, reason=f"rolled back from {target.ref}: {reason}")
-            self.state.event("rollback.done", f"back on {job.old.version}", vm=name, duration=self._clock() - t0)
-        else:
-            self.state.update_vm(name, state=VmState.FAILED, reason=f"rollback unhealthy: {healthy}")
-            self.state.event("rollback.failed", healthy, vm=name, duration=self._clock() - t0)
-        return Outcome(name, False, job.old.version, target.version, reason=reason,
-                       rolled_back_healthy=healthy is None)
+        restored = self._restore_all([(job.old, job.intent, target.version) for job, _ in failed])
+        outcomes = []
+        for (job, reason), unhealthy in zip(failed, restored, strict=True):
+            name = job.old.name
+            if unhealthy is None:
+                self.state.update_vm(name, state=VmState.RUNNING, reason=f"rolled back from {target.ref}: {reason}")
+                self.state.event("rollback.done", f"back on {job.old.version}", vm=name, duration=self._clock() - t0)
+            else:
+                self.state.update_vm(name, state=VmState.FAILED, reason=f"rollback unhealthy: {unhealthy}")
+                self.state.event("rollback.failed", unhealthy, vm=name, duration=self._clock() - t0)
+            outcomes.append(Outcome(name, False, job.old.version, target.version, reason=reason,
+                                    rolled_back_healthy=unhealthy is None))
+        return outcomes
 
-    def _restore(self, old: VmRow, failed_version: str) -> str | None:
-        """Put back the domain of ``old`` and boot it; None when healthy, else why not."""
+    def _restore_all(self, olds: list[tuple[VmRow, int, str]]) -> list[str | None]:
+        """Put back the domain of each (old row, its journal entry, the version that failed), boot
+        it and await its health; clear the entry. For each: None when healthy, else why not."""
+        booted: list[tuple[VmRow, int, str]] = []
+        results: dict[str, str | None] = {}
+        for old, intent, failed_version in olds:
+            try:
+                booted.append((old, intent, self._boot_old(old, failed_version)))
+            except HvError as e:
+                results[old.name] = f"could not boot {old.image}-{old.version} again: {e.message}"
+                self.state.done(intent)
+        checks = self._health_phase(booted)
+        for (old, intent, _), (error, _) in zip(booted, checks, strict=True):
+            results[old.name] = error
+            self.state.done(intent)
+        return [results[old.name] for old, _, _ in olds]
+
+    def _boot_old(self, old: VmRow, failed_version: str) -> str:
+        """Define ``old``'s domain again and start it; the VERSION_ID its guest must report."""
         name = old.name
         paths = VmPaths.of(self.cfg, name)
         if self.virt.is_managed(name):
             self.virt.destroy(name)
         image = self.state.image(old.image, old.version)
-        assert image is not None
+        if image is None:
+            raise NotFound(f"vm {name}: its image {old.image}-{old.version} is not in the catalog")
         manifest = Manifest.model_validate(image.manifest)
         self.prov.write_vm_seed(old, paths)
         self.virt.define(self.prov.domain(old, manifest, self._accel()))
@@ -216,30 +258,27 @@ class Swapper:
         if failed_version != old.version:
             paths.os_disk(failed_version).unlink(missing_ok=True)
         self.virt.start(name)
-        spec = VmSpec.model_validate(old.spec)
-        try:
-            wait_healthy(self.prov.endpoint(old, wait=True), self.prov.agent_key.private, manifest.expected_version_id,
-                         spec.health.command, spec.health.timeout, halted=lambda: self.virt.halted(name))
-        except HealthError as e:
-            return e.message
-        return None
+        return manifest.expected_version_id
 
     def recover(self) -> None:
         """A swap interrupted by a crash: committed ones lose their old overlay, others roll back."""
-        for it in self.state.pending():
+        restore: list[tuple[VmRow, int, str]] = []
+        for it in self.state.orphaned():
             if it.op != "swap":
                 continue
             row = self.state.vm(it.target)
-            if row is not None:
-                paths = VmPaths.of(self.cfg, row.name)
-                if row.version == it.intent["to"] and row.instance_id == it.intent["new_instance_id"]:
-                    if it.intent["from"] != row.version:
-                        paths.os_disk(it.intent["from"]).unlink(missing_ok=True)
-                    self.state.update_vm(row.name, state=VmState.RUNNING)
-                else:
-                    reason = self._restore(row, it.intent["to"])
-                    self.state.update_vm(row.name, state=VmState.RUNNING if reason is None else VmState.FAILED,
-                                         reason=reason)
+            if row is None:
+                self.state.done(it.id)
+                continue
+            if row.version == it.intent["to"] and row.instance_id == it.intent["new_instance_id"]:
+                if it.intent["from"] != row.version:
+                    VmPaths.of(self.cfg, row.name).os_disk(it.intent["from"]).unlink(missing_ok=True)
+                self.state.update_vm(row.name, state=VmState.RUNNING)
                 self.state.event("swap.recovered", f"interrupted swap to {it.intent['to']} settled", vm=row.name)
-            self.state.done(it.id)
-
+                self.state.done(it.id)
+            else:
+                restore.append((row, it.id, it.intent["to"]))
+        for (row, _, to), reason in zip(restore, self._restore_all(restore), strict=True):
+            self.state.update_vm(row.name, state=VmState.RUNNING if reason is None else VmState.FAILED,
+                                 reason=reason)
+            self.state.event("swap.recovered", f"interrupted swap to {to} settled", vm=row.name)

@@ -572,7 +572,8 @@ class Virt:
                 log.info("KVM probe stopped running (%s)", self.state(name))
                 return False
             try:
-                text = console.read_text(errors="replace")
+                with console.open("rb") as f:  # the probe's firmware prints a banner: its first 64 KiB
+                    text = f.read(1 << 16).decode(errors="replace")
             except FileNotFoundError:
                 text = ""
             seen = any(marker in text for marker in markers)
@@ -657,9 +658,14 @@ class LifecycleWatch:
         try:
             _quiet_libvirt()
             conn = libvirt.openReadOnly(self.uri)
-            conn.registerCloseCallback(lambda *_: self._lost.set(), None)
-            conn.setKeepAlive(5, 3)
-            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._callback, None)
+            try:
+                conn.registerCloseCallback(lambda *_: self._lost.set(), None)
+                conn.setKeepAlive(5, 3)
+                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._callback, None)
+            except BaseException:
+                with contextlib.suppress(libvirt.libvirtError):  # the registration's error is the one to report
+                    conn.close()
+                raise
         except libvirt.libvirtError as e:
             log.warning("libvirt events at %s: %s; retrying on the next pass", self.uri, _message(e))
             return False

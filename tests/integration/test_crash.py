@@ -32,6 +32,7 @@ pytestmark = pytest.mark.integration
 GROUPS = {
     "provision": [p for p in POINTS if p.startswith("provision.")],
     "destroy": [p for p in POINTS if p.startswith("destroy.")],
+    "purge-disk": [p for p in POINTS if p.startswith("purge-disk.")],
     "publish": [p for p in POINTS if p.startswith("publish.")],
     "swap": [p for p in POINTS if p.startswith("swap.")],
     "rollback": [p for p in POINTS if p.startswith("rollback.")],
@@ -122,7 +123,7 @@ def test_kill_at_fault_point_converges(state_dir: Path, group: str, point: str) 
         f"state_dir: {state_dir}\naccelerator: qemu\nport_min: 22400\nport_max: 22499\nhealth_timeout: 90\n"
         "shutdown_timeout: 3\n")
     vm = f"crash-{state_dir.name}"
-    data = VmPaths.of(config_mod.load(state_dir / "config.yaml"), vm).data
+    data = config_mod.load(state_dir / "config.yaml").data_dir / "t" / f"{vm}.qcow2"  # owner t's disk
     try:
         if group in ("publish",):
             run_killed(state_dir, point, "images", "publish", str(image("tiny-1.0")))
@@ -160,6 +161,15 @@ def test_kill_at_fault_point_converges(state_dir: Path, group: str, point: str) 
             ok(state_dir, "recover")
             assert_converged(state_dir, {data: before})  # gone, its data disk kept as it was
             assert hvagent(state_dir, "ps", "--json").stdout.strip() == "[]"
+            assert [d["state"] for d in json.loads(ok(state_dir, "disks", "--json"))] == ["kept"]
+            return
+        if group == "purge-disk":
+            ok(state_dir, "apply", str(spec), "--no-wait")
+            ok(state_dir, "destroy", vm)  # its data disk kept for owner t
+            run_killed(state_dir, point, "disks", "purge", vm, "--owner", "t")
+            ok(state_dir, "recover")
+            assert_converged(state_dir, {data: None})  # the purge finished: no file, no row
+            assert json.loads(ok(state_dir, "disks", "--json")) == []
             return
         ok(state_dir, "apply", str(spec))  # healthy, its data disk formatted and mounted at /data
         marker = ok(state_dir, "ssh", vm, "--", "head -c 65536 /dev/urandom > /data/marker && sync && "

@@ -36,7 +36,7 @@ def test_once_located_the_address_is_probed(monkeypatch: pytest.MonkeyPatch) -> 
 
     probed: list[str] = []
 
-    def fake_check(ep: Endpoint, *_a: object) -> health.Check:
+    def fake_check(ep: Endpoint, *_a: object, **_k: object) -> health.Check:
         probed.append(ep.host)
         return health.Check(True, "healthy", "1.0")
 
@@ -51,7 +51,7 @@ def test_a_guest_that_qemu_stopped_fails_at_once(monkeypatch: pytest.MonkeyPatch
 
     probes: list[str] = []
 
-    def fake_check(ep: Endpoint, *_a: object) -> health.Check:
+    def fake_check(ep: Endpoint, *_a: object, **_k: object) -> health.Check:
         probes.append(ep.host)
         return health.Check(False, "ssh: no answer yet")
 
@@ -68,7 +68,7 @@ def test_a_guest_that_qemu_stopped_fails_at_once(monkeypatch: pytest.MonkeyPatch
 def test_libvirt_trouble_while_asking_whether_it_halted_leaves_ssh_to_decide(monkeypatch: pytest.MonkeyPatch) -> None:
     from agent import health
 
-    monkeypatch.setattr(health, "check_once", lambda *_a: health.Check(True, "healthy", "1.0"))
+    monkeypatch.setattr(health, "check_once", lambda *_a, **_k: health.Check(True, "healthy", "1.0"))
 
     def halted() -> str | None:
         raise EnvError("libvirt at qemu:///system: connection lost")
@@ -83,7 +83,7 @@ def test_another_host_key_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None
 
     calls: list[int] = []
 
-    def fake_check(*_a: object) -> health.Check:
+    def fake_check(*_a: object, **_k: object) -> health.Check:
         calls.append(1)
         return health.Check(False, "guest presented a host key other than the pinned one", final=True)
 
