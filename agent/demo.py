@@ -15,7 +15,6 @@ from agent.health import run as ssh_run
 from agent.host import Host
 from agent.seed import new_ed25519
 from agent.spec import parse_spec
-from agent.state import host_lock
 
 if TYPE_CHECKING:
     from agent.cli import Ctx
@@ -40,7 +39,7 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
         {"name": "demo-uefi", "owner": "demo", "image": "tiny-2.*", "ssh_keys": [tenant.public]},
     ]}, "demo spec")
     try:
-        with host_lock(cfg.state_dir):
+        with host.lock:
             host.recover()
             out.rule(f"1. publish images into {cfg.store}")
             for path in needed:
@@ -62,7 +61,7 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
                 out.print(f"{vm.name}: healthy")
         show(host, out, "3. hvagent ps")
         inside(host, out, "4. inside each guest (SSH with the pinned host key)")
-        with host_lock(cfg.state_dir):
+        with host.lock:
             out.rule("5. the image pipeline publishes tiny 1.1: the latest-track VM swaps, the pinned one stays")
             row = host.catalog.publish(newer)
             out.print(f"published {row.ref}")
@@ -77,7 +76,7 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
             out.print(f"kept: state in {cfg.state_dir}; hvagent --state-dir {cfg.state_dir} ps")
         else:
             out.rule("8. clean up")
-            with host_lock(cfg.state_dir):
+            with host.lock:
                 for r in host.state.vms():
                     host.provisioner.destroy(r.name, purge=True)
                     out.print(f"destroyed {r.name}")

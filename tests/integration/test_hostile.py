@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent import config as config_mod
+from agent.host import Host
 from agent.seed import KeyPair
-from tests.conftest import hvagent, image, luks_qcow2
+from tests.conftest import destroy_all, hvagent, image, luks_qcow2
 
 pytestmark = pytest.mark.integration
 
@@ -300,6 +302,27 @@ def test_provisioning_beyond_capacity_is_refused(seeded: Path, setting: str, vms
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert needle in r.stderr and "capacity" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert (hvagent(seeded, "ps", "--json").stdout, sorted(p.name for p in seeded.rglob("*"))) == before
+
+
+def test_kept_disks_count_against_capacity(seeded: Path) -> None:
+    cfgf = seeded / "config.yaml"
+    cfgf.write_text(cfgf.read_text() + "capacity_disk_gib: 3\n")
+    try:
+        spec = seeded / "spec.yaml"
+        spec.write_text(yaml.safe_dump({"vms": [{**GOOD, "name": "t-kept", "data_disk": 2}]}))
+        assert hvagent(seeded, "apply", str(spec), "--no-wait").returncode == 0
+        assert hvagent(seeded, "destroy", "t-kept").returncode == 0  # its 2 GiB stay, kept for its owner
+        spec.write_text(yaml.safe_dump({"vms": [{**GOOD, "name": "t-other", "data_disk": 2}]}))
+        before = (hvagent(seeded, "ps", "--json").stdout, sorted(p.name for p in seeded.rglob("*")))
+        r = hvagent(seeded, "apply", str(spec), "--no-wait")
+        assert r.returncode == 2 and "data_disk: would take this host to 4 GiB" in r.stderr, r.stderr
+        assert (hvagent(seeded, "ps", "--json").stdout, sorted(p.name for p in seeded.rglob("*"))) == before
+        assert hvagent(seeded, "disks", "purge", "t-kept").returncode == 0
+        r = hvagent(seeded, "apply", str(spec), "--no-wait")
+        assert r.returncode == 0, r.stderr
+        assert hvagent(seeded, "destroy", "t-other", "--purge").returncode == 0
+    finally:
+        destroy_all(Host(config_mod.load(cfgf)))
 
 
 def test_two_applies_at_once_make_one_vm(seeded: Path, tenant_key: KeyPair) -> None:

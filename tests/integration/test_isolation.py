@@ -126,15 +126,16 @@ def test_a_kept_data_disk_is_its_owners_alone(daemon: Daemon, keys: dict[str, tu
     # the same owner and name: the kept disk again, with what she wrote
     vm = create(d, "alice", akey, "db", data_disk=1)
     assert guest(port(vm), apk, "cat /data/secret").strip() == "alice-secret"
-    # kept and attached disks count against her quota (2 GiB): 1 + 2 is refused, nothing made
-    r = d.call("alice", "POST", "/v1/vms", json={"name": "db2", "image": "tiny-1.0", "ssh_keys": [akey.public],
-                                                 "data_disk": 2})
-    assert r.status_code == 403 and r.json()["error"].startswith("quota: disk_gib: 3 GiB"), r.text
     r = d.call("alice", "DELETE", "/v1/disks/db")
     assert r.status_code == 409 and "in use" in r.json()["error"], r.text
     r = cli(d, "disks", "purge", "db")
     assert r.returncode == 2 and "in use" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert d.call("alice", "DELETE", "/v1/vms/db").status_code == 200
+    # a kept disk counts against her quota (2 GiB): 1 kept + 2 new is refused, nothing made
+    r = d.call("alice", "POST", "/v1/vms", json={"name": "db2", "image": "tiny-1.0", "ssh_keys": [akey.public],
+                                                 "data_disk": 2})
+    assert r.status_code == 403 and r.json()["error"].startswith("quota: disk_gib: 3 GiB"), r.text
+    assert d.call("alice", "GET", "/v1/vms").json() == [] and disks(d, "alice") == [kept]
     r = cli(d, "disks", "purge", "nosuch")
     assert r.returncode == 2 and "disk nosuch: no such disk" in r.stderr, r.stderr
     r = cli(d, "disks", "purge", "db", "--owner", "alice")
