@@ -230,12 +230,16 @@ def create_app(d: Daemon) -> FastAPI:
         multipart/form-data: the part ``manifest`` (YAML, at most 1 MiB) first, then ``image``, the
         qcow2 file, which streams into the store's hashing copy as it arrives."""
         form = FormStream(request.headers.get("content-type"), _body_chunks(request))
-        part = _upload_part(form.next_part(), "manifest")
+        manifest_name = _upload_name(_upload_part(form.next_part(), "manifest").filename, "manifest.yaml")
         text = form.read_all(MAX_MANIFEST_BYTES, "manifest")
+        try:
+            text.decode()
+        except UnicodeDecodeError:  # named as uploaded (load_manifest would name our temporary file)
+            raise InputError(f"{manifest_name}: manifest is not UTF-8 text") from None
         uploads = d.cfg.state_dir / "uploads"
         uploads.mkdir(mode=0o700, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=uploads) as tmp:  # load_manifest reads a file
-            man = Path(tmp) / _upload_name(part.filename, "manifest.yaml")
+            man = Path(tmp) / manifest_name
             man.write_bytes(text)
             m = load_manifest(man)
         shown = _upload_name(_upload_part(form.next_part(last=True), "image").filename, "upload.qcow2")

@@ -135,7 +135,7 @@ class Catalog:
         limit = self.cfg.max_virtual_size
         accepted = f"max_virtual_size is {limit} bytes ({qcow2.human(limit)})"
         if m.virtual_size > limit:
-            raise ImageRefused(f"{shown}: the manifest's virtual_size {m.virtual_size} bytes "
+            raise ImageRefused(f"{shown}: the manifest's virtual size {m.virtual_size} bytes "
                                f"({qcow2.human(m.virtual_size)}) is too large; {accepted}")
         bound = qcow2.max_file_size(limit)
         if size is not None and size > bound:

@@ -108,6 +108,8 @@ def load_manifest(path: Path) -> Manifest:
         data: Any = yaml.safe_load(path.read_text())
     except OSError as e:
         raise InputError(f"{path}: cannot read manifest ({e.strerror})") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: manifest is not UTF-8 text (YAML)") from e
     except yaml.YAMLError as e:
         raise InputError(f"{path}: manifest is not valid YAML") from e
     if not isinstance(data, dict):

@@ -119,14 +119,15 @@ BAD_REQUESTS: list[tuple[str | None, str, str, dict[str, Any], int, str]] = [
     ("alice", "GET", "/v1/vms/..%2Fetc", {}, 404, ""),
     ("alice", "GET", "/v1/vms/Bad_Name", {}, 422, "name"),
     ("alice", "GET", "/v1/vms/ghost", {}, 404, "no such VM"),
-    ("ops", "POST", "/v1/images", {"files": {"image": ("x.qcow2", b"not a qcow2"), "manifest": ("x.yaml", b"a: [")}},
+    ("ops", "POST", "/v1/images", {"files": {"manifest": ("x.yaml", b"a: ["), "image": ("x.qcow2", b"not a qcow2")}},
      400, "x.yaml"),
-    ("ops", "POST", "/v1/images", {"files": {"image": ("..", b"x"), "manifest": ("../..", b"a: [")}},
+    ("ops", "POST", "/v1/images", {"files": {"manifest": ("../..", b"a: ["), "image": ("..", b"x")}},
      400, "manifest.yaml: manifest is not valid YAML"),
-    # the upload streams into the store's hashing copy; the refusal names the uploaded file
-    ("ops", "POST", "/v1/images", {"files": {"image": ("x-1.0.qcow2", b"not a qcow2"), "manifest": ("x.yaml", (
+    # the upload is refused before a byte is stored; the refusal names the uploaded file
+    ("ops", "POST", "/v1/images", {"files": {"manifest": ("x.yaml", (
         "name: x\nfamily: 1\nversion: '1.0'\nsha256: '" + "0" * 64 + "'\nvirtual_size: 1048576\n"
-        "format: qcow2\nfirmware: bios\n").encode())}}, 400, "x-1.0.qcow2: sha256"),
+        "format: qcow2\nfirmware: bios\n").encode()), "image": ("x-1.0.qcow2", b"not a qcow2")}}, 400,
+     "x-1.0.qcow2: not a qcow2 image"),
     ("alice", "POST", "/v1/vms", {"json": {"name": "a", "image": "tiny-1.*", "ssh_keys": [KEY],
                                            "devices": [{"disk": "/dev/sda"}]}}, 422, "devices"),
     ("alice", "POST", "/v1/vms", {"json": {"name": "a", "image": "tiny-1.*", "ssh_keys": [KEY],
@@ -414,8 +415,8 @@ def test_libvirtd_dies_mid_rollout_and_the_daemon_finishes_it(daemon: Daemon) ->
         assert r.status_code == 202, r.text
     for name in ("lv-a", "lv-b"):
         assert daemon.wait_vm("ops", name, ("running", "failed"))["state"] == "running"
-    files = {"image": ("tiny-1.1.qcow2", image("tiny-1.1").read_bytes()),
-             "manifest": ("tiny-1.1.yaml", image("tiny-1.1").with_suffix(".yaml").read_bytes())}
+    files = {"manifest": ("tiny-1.1.yaml", image("tiny-1.1").with_suffix(".yaml").read_bytes()),
+             "image": ("tiny-1.1.qcow2", image("tiny-1.1").read_bytes())}
     r = daemon.call("ops", "POST", "/v1/images", files=files)
     assert r.status_code == 201, r.text
     rid = r.json()["rollout"]

@@ -66,7 +66,7 @@ def test_max_file_size_is_the_virtual_size_plus_metadata() -> None:
 
 def test_manifest_virtual_size_over_the_limit_reads_nothing(catalog: Catalog) -> None:
     src = Counted(b"QFI\xfb")
-    message = refused(catalog, src, manifest(b"", 2 * GiB), "the manifest's virtual_size 2147483648 bytes")
+    message = refused(catalog, src, manifest(b"", 2 * GiB), "the manifest's virtual size 2147483648 bytes")
     assert "max_virtual_size is 1073741824 bytes (1.0 GiB)" in message
     assert src.taken == 0
 
