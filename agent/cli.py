@@ -531,6 +531,10 @@ def config_check(as_json: Annotated[bool, typer.Option("--json", help="print the
                  ) -> None:
     """Load and validate the configuration (exit 2 naming the bad field); used before a file is replaced."""
     cfg = CTX.cfg()
+    if cfg.api.tls is not None:
+        from agent.tls import server_context
+
+        server_context(cfg.api.tls)  # the files are there, readable, and a certificate and its key
     if as_json:
         _emit_json(cfg.model_dump(mode="json", exclude={"api": {"tokens"}}))
         return

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import InputError
 from agent.spec import check_name
@@ -55,15 +57,71 @@ class Token(BaseModel):
         return check_name(v, "token name")
 
 
+class Tls(BaseModel):
+    """The API's TLS: uvicorn serves every ``api.listen`` address with it, and only with it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cert: Path = Field(description="server certificate, with its chain (PEM)")
+    key: Path = Field(description="its private key (PEM)")
+    client_ca: Path | None = Field(None, description="CA certificates (PEM): clients must present a certificate "
+                                   "one of them signed, besides their token")
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv4 address, ``[IPv6]`` or ``localhost``) -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: accepted: HOST:PORT with a port from 1 to 65535 (0.0.0.0:8470, [::]:8470)")
+    if host == "localhost":
+        return host, int(port)
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        addr = ipaddress.ip_address(literal)
+    except ValueError:
+        raise ValueError(f"{value!r}: the host is an IP address ([...] for IPv6) or localhost") from None
+    if addr.version == 6 and literal == host:
+        raise ValueError(f"{value!r}: write an IPv6 address in brackets: [{literal}]:{port}")
+    return literal, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
+
+
 class Api(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     socket: Path = Field(Path("/run/hvagent/api.sock"), description="Unix socket of the API, mode 0660")
     socket_group: str | None = Field(None, description="group owning the socket (e.g. hvagent)")
     tcp: str | None = Field(None, pattern=r"^(?:127(?:\.[0-9]{1,3}){3}|\[::1\]|localhost):[0-9]{1,5}$",
-                            description="also listen on TCP, e.g. 127.0.0.1:8470 (loopback only)")
+                            description="plain HTTP on a loopback address for local tools, e.g. 127.0.0.1:8470")
+    listen: tuple[str, ...] = Field((), max_length=16, description="addresses the API serves, HOST:PORT; with "
+                                    "tls, over TLS only; without it, loopback addresses only")
+    tls: Tls | None = Field(None, description="certificate and key for api.listen (and a client CA)")
+    auth_failures: int = Field(5, ge=1, le=1000, description="failed authentications per peer address and "
+                               "minute; beyond them the peer gets 429 until the minute has passed")
     tokens: tuple[Token, ...] = ()
     max_body: int = Field(1 << 20, gt=0, description="largest JSON request body, bytes")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for address in v:
+            listen_address(address)
+        return v
+
+    @model_validator(mode="after")
+    def _tls_beyond_loopback(self) -> Api:
+        if self.tls is None:
+            for address in self.listen:
+                if not is_loopback(listen_address(address)[0]):
+                    raise ValueError(f"listen: {address} is not a loopback address; serving it needs api.tls "
+                                     "(cert and key): tokens never cross a network in clear text")
+        elif self.tcp is not None:
+            raise ValueError("tcp: plain HTTP beside api.tls; list the address in api.listen, where it is "
+                             "served over TLS")
+        return self
 
 
 class Config(BaseModel):
@@ -157,7 +215,12 @@ def load(path: Path | None = None, **overrides: object) -> Config:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
-        raise InputError(f"{source or 'configuration'}: {field}: {err['msg']}") from e
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        head, sep, rest = msg.partition(": ")
+        if field and sep and re.fullmatch(r"[a-z_]+", head):  # a model's check naming one of its fields
+            field, msg = f"{field}.{head}", rest
+        raise InputError(f"{source or 'configuration'}: {field}: {msg}" if field else
+                         f"{source or 'configuration'}: {msg}") from e
     if cfg.port_min > cfg.port_max:
         raise InputError(f"{source or 'configuration'}: port_min must not exceed port_max")
     return cfg

@@ -42,7 +42,7 @@ import sdnotify
 from inotify_simple import INotify
 from inotify_simple import flags as inflags
 
-from agent.config import Config, Quota, Role
+from agent.config import Config, Quota, Role, listen_address
 from agent.domxml import GuestFilter
 from agent.errors import EnvError, HvError, Unauthorized, one_line
 from agent.host import Host
@@ -51,6 +51,7 @@ from agent.manifest import Manifest
 from agent.provision import VmPaths, make_overlay
 from agent.spec import Restart, VmSpec
 from agent.state import RolloutState, VmRow, VmState, logfmt
+from agent.tls import server_context
 from agent.virt import FAILURE_REASONS, DomState, DomStatus, LifecycleEvent, LifecycleWatch, start_event_loop
 
 log = logging.getLogger("hvagent.daemon")
@@ -146,6 +147,7 @@ class Daemon:
         # instead of a silently vanished daemon whose clients see "connection reset by peer".
         faulthandler.enable(file=sys.stderr, all_threads=True)
         start_event_loop()  # before any libvirt connection is opened
+        tls = server_context(self.cfg.api.tls) if self.cfg.api.tls is not None else None  # bad files: fail now
         host = self.host()
         with host.lock:
             host.recover()
@@ -156,7 +158,7 @@ class Daemon:
         for row in host.state.vms():
             if row.state is VmState.PROVISIONING:  # created, but a restart interrupted its health wait
                 self.watch_health(row.name)
-        sockets = self._bind()
+        plain, secure = self._bind()
         threads = [threading.Thread(target=self._engine, name="engine", daemon=True),
                    threading.Thread(target=self._rollouts, name="rollouts", daemon=True),
                    threading.Thread(target=self._inbox, name="inbox", daemon=True),
@@ -166,7 +168,7 @@ class Daemon:
         from agent.api import serve_api
 
         try:
-            serve_api(self, sockets, on_ready=self._ready)  # returns on SIGTERM/SIGINT
+            serve_api(self, plain, secure, tls, on_ready=self._ready)  # returns on SIGTERM/SIGINT
         finally:
             self.notifier.notify("STOPPING=1")
             log.info(logfmt({"msg": "stopping: the engine finishes its current step"}))
@@ -187,9 +189,13 @@ class Daemon:
 
     def _ready(self) -> None:
         self.notifier.notify(f"READY=1\nSTATUS=serving on {self.cfg.api.socket}\nMAINPID={os.getpid()}")
-        log.info(logfmt({"msg": "ready", "socket": str(self.cfg.api.socket), "tcp": self.cfg.api.tcp}))
+        log.info(logfmt({"msg": "ready", "socket": str(self.cfg.api.socket), "tcp": self.cfg.api.tcp,
+                         "listen": " ".join(self.cfg.api.listen) or None,
+                         "tls": "on" if self.cfg.api.tls else None}))
 
-    def _bind(self) -> list[socket.socket]:
+    def _bind(self) -> tuple[list[socket.socket], list[socket.socket]]:
+        """The API's listening sockets: plain HTTP (the Unix socket, loopback TCP) and TLS (``api.listen``
+        when ``api.tls`` is set)."""
         path = self.cfg.api.socket
         try:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -201,21 +207,15 @@ class Daemon:
                 os.chown(path, -1, grp.getgrnam(self.cfg.api.socket_group).gr_gid)
         except (OSError, KeyError) as e:
             raise EnvError(f"{path}: cannot listen on the API socket ({e})") from e
-        sockets = [unix]
+        plain = [unix]
         if self.cfg.api.tcp:
-            hostpart, port = self.cfg.api.tcp.rsplit(":", 1)
-            hostpart = hostpart.strip("[]")
-            family = socket.AF_INET6 if ":" in hostpart else socket.AF_INET
-            tcp = socket.socket(family, socket.SOCK_STREAM)
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                tcp.bind((hostpart, int(port)))
-            except OSError as e:
-                raise EnvError(f"api.tcp: cannot listen on {self.cfg.api.tcp} ({e.strerror})") from e
-            sockets.append(tcp)
-        for s in sockets:
+            plain.append(_tcp_socket(self.cfg.api.tcp, "api.tcp"))
+        secure = [_tcp_socket(a, "api.listen") for a in self.cfg.api.listen]
+        if self.cfg.api.tls is None:
+            plain, secure = plain + secure, []  # loopback only, as the configuration checked
+        for s in plain + secure:
             s.listen(128)
-        return sockets
+        return plain, secure
 
     def _watchdog(self) -> None:
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
@@ -456,6 +456,19 @@ class Daemon:
         image.unlink(missing_ok=True)
         manifest.unlink(missing_ok=True)
         self.poke()
+
+
+def _tcp_socket(address: str, field: str) -> socket.socket:
+    host, port = listen_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise EnvError(f"{field}: cannot listen on {address} ({e.strerror})") from e
+    return sock
 
 
 def _utc(t: datetime) -> datetime:

@@ -104,8 +104,10 @@ class Daemon:
 
 
 def start_daemon(state_dir: Path, extra: dict[str, Any] | None = None,
-                 quotas: dict[str, dict[str, int]] | None = None, systemd: bool = True) -> Daemon:
-    """With ``systemd`` False the daemon runs as by hand: no NOTIFY_SOCKET, readiness from /healthz."""
+                 quotas: dict[str, dict[str, int]] | None = None, systemd: bool = True,
+                 api: dict[str, Any] | None = None) -> Daemon:
+    """With ``systemd`` False the daemon runs as by hand: no NOTIFY_SOCKET, readiness from /healthz.
+    ``api`` replaces settings of the api section (``tcp: None`` drops the loopback port)."""
     tokens = {who: secrets.token_urlsafe(24) for who in ("ops", "alice", "bob", "expired")}
     quotas = quotas or {}
     entries: list[dict[str, Any]] = [{"name": "ops", "role": "admin", "sha256": token_hash(tokens["ops"])}]
@@ -115,10 +117,10 @@ def start_daemon(state_dir: Path, extra: dict[str, Any] | None = None,
     entries.append({"name": "carol", "role": "tenant", "sha256": token_hash(tokens["expired"]),
                     "expires": "2020-01-01T00:00:00Z"})
     port = free_port()
+    api_cfg = {"socket": str(state_dir / "api.sock"), "tcp": f"127.0.0.1:{port}", "tokens": entries, **(api or {})}
     cfg = {"state_dir": str(state_dir), "accelerator": "qemu", "port_min": 22600, "port_max": 22699,
            "health_timeout": 90, "shutdown_timeout": 10, "reconcile_interval": 1,
-           "api": {"socket": str(state_dir / "api.sock"), "tcp": f"127.0.0.1:{port}", "tokens": entries},
-           **(extra or {})}
+           "api": {k: v for k, v in api_cfg.items() if v is not None}, **(extra or {})}
     (state_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     notify_path = state_dir / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

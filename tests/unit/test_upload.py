@@ -1,4 +1,4 @@
-"""agent.upload: a multipart body read part by part, pulled in chunks of any size, never all at once."""
+"""agent.api.upload: a multipart body read part by part, pulled in chunks of any size, never all at once."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from agent.api.upload import FormStream, Part
 from agent.errors import InputError
-from agent.upload import FormStream, Part
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,101 @@
+"""ASGI middleware that answers before the body is read: 401/403 for a bad token (``AuthGate``),
+413 for a body over the limit (``BodyLimit``). Wraps the whole app, for every caller."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from agent.api.common import admin, bearer, principal
+from agent.errors import HvError, Unauthorized
+from agent.state import logfmt
+from agent.throttle import AuthThrottle
+
+log = logging.getLogger("hvagent.api")
+
+ASGIApp = Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]
+ADMIN_ONLY_UPLOADS = frozenset({("POST", "/v1/images")})
+
+
+class AuthGate:
+    """401 and 403 before a byte of the body is read: FastAPI reads (and spools) a request's body
+    before it runs the endpoint's dependencies. Those still decide; the gate only answers first for
+    a missing, unknown or expired token, and for a tenant's token on an admin-only upload.
+
+    A peer address that presented ``throttle.limit`` unknown or expired tokens within a minute
+    gets 429 (with Retry-After) for any call until the oldest of them is a minute old; each such
+    failure is logged. Other peers, the local CLI on the Unix socket among them, are served."""
+
+    def __init__(self, app: FastAPI, throttle: AuthThrottle) -> None:
+        self.app = app
+        self.throttle = throttle
+        self.public = frozenset({"/healthz"} | {u for u in (app.openapi_url, app.docs_url, app.redoc_url,
+                                                              app.swagger_ui_oauth2_redirect_url) if u})
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.public:
+            client = scope.get("client")
+            peer = str(client[0]) if client and client[0] else "local"
+            wait = self.throttle.retry_after(peer)
+            if wait is not None:
+                await JSONResponse({"error": f"authorization: too many failed attempts from {peer}; try again in "
+                                             f"{math.ceil(wait)} s"}, status_code=429,
+                                   headers={"Retry-After": str(math.ceil(wait))})(scope, receive, send)
+                return
+            request = Request({**scope, "app": self.app})  # as Starlette passes it to the dependencies
+            try:
+                who = principal(request, await bearer(request))
+                if (scope["method"], scope["path"]) in ADMIN_ONLY_UPLOADS:
+                    admin(who)
+            except HvError as e:
+                if isinstance(e, Unauthorized) and request.headers.get("authorization"):  # a token, and a wrong one
+                    n = self.throttle.failed(peer)
+                    log.warning(logfmt({"event": "auth.failed", "peer": peer, "path": scope["path"],
+                                        "failures": str(n), "msg": e.message}))
+                await JSONResponse({"error": str(e)}, status_code=e.http_status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """413 for a body over the limit: Content-Length checked first, streamed bodies counted. A
+    response sent before the whole body was read closes the connection: the rest is not read."""
+
+    def __init__(self, app: ASGIApp, limit: Callable[[str, str], tuple[int, str]]) -> None:
+        self.app = app
+        self.limit = limit  # (method, path) -> (bytes, the 413's message)
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, too_large = self.limit(scope["method"], scope["path"])
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        pending = length not in (None, b"0") or b"transfer-encoding" in headers
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen, pending
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, too_large)
+            pending = pending and bool(message.get("more_body")) and message["type"] == "http.request"
+            return message
+
+        async def closing(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start" and pending:
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await JSONResponse({"error": too_large}, status_code=413)(scope, receive, closing)
+            return
+        await self.app(scope, counted, closing)
