@@ -18,7 +18,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from agent import config as config_mod
 from agent.errors import EnvError, HealthError, HvError, InputError, NotFound, one_line
@@ -38,8 +38,14 @@ app.add_typer(images_app, name="images")
 rollout_app = typer.Typer(no_args_is_help=True, help="Rollouts: latest-track VMs moving to a family's newest version.")
 app.add_typer(rollout_app, name="rollout")
 
-out = Console(soft_wrap=True)
+# Piped, a listing is as wide as its values (rich would fit it to 80 columns and cut them short);
+# on a terminal, a value too wide for its column folds onto the next line instead of being cut.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1 << 14)
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _table(*headers: str) -> Table:
+    return Table(*(Column(h, overflow="fold") for h in headers))
 
 
 @dataclass
@@ -182,7 +188,7 @@ def images_list(as_json: Annotated[bool, typer.Option("--json", help="machine-re
                      "firmware": e.row.manifest.get("firmware"), "path": e.row.path,
                      "published_at": _ts(e.row.published_at)} for e in entries])
         return
-    table = Table("IMAGE", "FAMILY", "VERSION", "STATE", "FIRMWARE", "SHA256", "VMS")
+    table = _table("IMAGE", "FAMILY", "VERSION", "STATE", "FIRMWARE", "SHA256", "VMS")
     for e in entries:
         table.add_row(e.row.name, str(e.row.family), e.row.version, e.row.state, str(e.row.manifest.get("firmware")),
                       e.row.sha256[:12], str(e.vms))
@@ -273,7 +279,7 @@ def ps(as_json: Annotated[bool, typer.Option("--json", help="machine-readable ou
     if as_json:
         _emit_json(items)
         return
-    table = Table("NAME", "OWNER", "VERSION", "TRACK", "STATE", "DOMAIN", "SSH", "NOTE")
+    table = _table("NAME", "OWNER", "VERSION", "TRACK", "STATE", "DOMAIN", "SSH", "NOTE")
     for i in items:
         note = f"[yellow]warning: {i['warning']}[/]" if i["warning"] else (i["reason"] or "")
         table.add_row(i["name"], i["owner"], f"{i['image']}-{i['version']}", i["track"], i["state"], i["domain"],
@@ -340,7 +346,7 @@ def events(
         _emit_json([{"ts": _ts(e.ts), "vm": e.vm, "owner": e.owner, "uuid": e.vm_uuid, "kind": e.kind,
                      "message": e.message, "duration": e.duration} for e in evs])
         return
-    table = Table("TIME", "VM", "OWNER", "EVENT", "MESSAGE", "DURATION")
+    table = _table("TIME", "VM", "OWNER", "EVENT", "MESSAGE", "DURATION")
     for e in evs:
         table.add_row(_ts(e.ts), e.vm or "-", e.owner or "-", e.kind, e.message,
                       f"{e.duration:.1f}s" if e.duration else "")
@@ -370,7 +376,7 @@ def disks_list(
     if as_json:
         _emit_json(items)
         return
-    table = Table("NAME", "OWNER", "SIZE", "STATE", "VM", "CREATED")
+    table = _table("NAME", "OWNER", "SIZE", "STATE", "VM", "CREATED")
     for i in items:
         table.add_row(i["name"], i["owner"], f"{i['size_gib']} GiB", i["state"], i["vm"] or "-", i["created_at"])
     out.print(table)
@@ -463,7 +469,7 @@ def rollout_abort(family: Annotated[str | None, typer.Argument(help="family; def
 def _rollout_view(host: Host, only_active: bool) -> tuple[list[dict[str, Any]], Table]:
     rows = host.state.rollouts(active_only=only_active)
     data: list[dict[str, Any]] = []
-    table = Table("ROLLOUT", "FAMILY", "TARGET", "STATE", "VM", "BATCH", "FROM", "STEP", "DOWNTIME", "REASON")
+    table = _table("ROLLOUT", "FAMILY", "TARGET", "STATE", "VM", "BATCH", "FROM", "STEP", "DOWNTIME", "REASON")
     for ro in rows:
         steps = host.state.steps(ro.id)
         data.append({"id": ro.id, "family": f"{ro.family_ref}", "target": ro.target, "state": ro.state,

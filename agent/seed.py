@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -26,6 +28,12 @@ def new_ed25519(comment: str) -> KeyPair:
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                            serialization.PublicFormat.OpenSSH).decode()
     return KeyPair(private, f"{public} {comment}")
+
+
+def fingerprint(public_key: str) -> str:
+    """``SHA256:...`` of an OpenSSH public key line, as ``ssh-keygen -l`` prints it."""
+    blob = base64.b64decode(public_key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def write_keypair(kp: KeyPair, path: Path) -> None:

@@ -17,6 +17,7 @@ from pydantic import Field, StrictStr, ValidationError, field_validator
 from agent.api.common import NAME, Admin, DaemonDep, Name, Who, own, validation_line, vm_view
 from agent.errors import Conflict, Forbidden, InputError
 from agent.provision import VmPaths
+from agent.seed import fingerprint
 from agent.spec import NetMode, Spec, VmSpec, check_name
 from agent.state import VmState
 
@@ -89,6 +90,16 @@ def apply(_: Admin, d: DaemonDep, body: Spec,
 @router.get("/v1/vms/{name}", tags=["vms"])
 def vm_get(p: Who, d: DaemonDep, name: Name) -> dict[str, Any]:
     return vm_view(own(d.host(), p, name), p.admin)
+
+
+@router.get("/v1/vms/{name}/hostkey", tags=["vms"])
+def vm_hostkey(p: Who, d: DaemonDep, name: Name) -> dict[str, str]:
+    """The guest's SSH host public key (hvagent made it and put it in the seed) and its
+    fingerprint: what the owner's known_hosts line holds, for strict host key checking."""
+    row = own(d.host(), p, name)
+    private = VmPaths.of(d.cfg, row.name).host_key
+    key = " ".join(private.with_name(private.name + ".pub").read_text().split()[:2])
+    return {"name": row.name, "key": key, "fingerprint": fingerprint(key)}
 
 
 @router.delete("/v1/vms/{name}", tags=["vms"])

@@ -14,6 +14,7 @@ One daemon for the module; guests are tiny images under TCG (about 16 s to SSH e
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -23,9 +24,9 @@ from typing import Any
 import paramiko
 import pytest
 
-from agent.seed import KeyPair, new_ed25519
+from agent.seed import KeyPair, fingerprint, new_ed25519
 from tests.conftest import TEST_ROOT, image
-from tests.integration.daemon_fixture import Daemon, daemon_fixture
+from tests.integration.daemon_fixture import EXE, Daemon, daemon_fixture
 from tests.integration.test_daemon import cli, guest
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]
@@ -91,6 +92,18 @@ def test_a_kept_data_disk_is_its_owners_alone(daemon: Daemon, keys: dict[str, tu
 
     vm = create(d, "alice", akey, "db", data_disk=1)
     guest(port(vm), apk, "echo alice-secret > /data/secret && sync && echo alice-console-marker > /dev/console")
+    # the owner learns the guest's host key (for strict checking), and it is the one the guest presents
+    hostkey = d.call("alice", "GET", "/v1/vms/db/hostkey").json()
+    transport = paramiko.Transport(("127.0.0.1", port(vm)))
+    try:
+        transport.start_client(timeout=20)
+        presented = transport.get_remote_server_key()
+    finally:
+        transport.close()
+    assert hostkey["key"] == f"{presented.get_name()} {presented.get_base64()}"
+    assert hostkey["fingerprint"] == fingerprint(hostkey["key"])
+    r = d.call("bob", "GET", "/v1/vms/db/hostkey")
+    assert r.status_code == 404 and r.json() == {"error": "vm db: no such VM"}, r.text
     assert d.call("alice", "DELETE", "/v1/vms/db").json()["purged"] is False  # the default: disk kept
     kept = {"name": "db", "owner": "alice", "size_gib": 1, "state": "kept"}
     assert disks(d, "alice") == [kept]
@@ -208,6 +221,10 @@ def test_no_tenant_wait_holds_the_host(daemon: Daemon, keys: dict[str, tuple[Key
     vm = d.wait_vm("alice", "a-slow", ("running", "failed"))
     assert (vm["version"], vm["state"]) == ("1.0", "running"), vm
     assert d.proc.poll() is None
+    # a listing piped at 80 columns cuts no value short (the endpoint, the long reason)
+    env = {**os.environ, "HVAGENT_CONFIG": str(d.state_dir / "config.yaml"), "COLUMNS": "80"}
+    shown = subprocess.run([str(EXE), "ps"], capture_output=True, text=True, env=env, timeout=60).stdout
+    assert vm["ssh"] in shown and "not healthy within 60s" in shown and "…" not in shown, shown
 
 
 def test_reconcile_and_inbox_outlive_one_failure(daemon: Daemon, keys: dict[str, tuple[KeyPair, paramiko.PKey]]

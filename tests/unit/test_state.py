@@ -137,3 +137,4 @@ def test_host_lock_is_let_go_only_inside_released(tmp_path: Path) -> None:
     with lock.released():  # not held: nothing to let go of
         assert _free(tmp_path / "lock")
 
+
