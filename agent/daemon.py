@@ -221,9 +221,10 @@ class Daemon:
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         if usec <= 0:
             return
-        # The engine never awaits a guest's health; it may wait for the host lock while a swap
-        # shuts its batch down (shutdown_timeout), never while a swap awaits health.
-        limit = self.cfg.reconcile_interval * 3 + self.cfg.shutdown_timeout + 120
+        # The engine awaits no guest in its passes; it may wait for the host lock while a swap shuts
+        # its batch down (shutdown_timeout), and a swap cut short (libvirtd went away) is rolled
+        # back by the engine itself, which awaits that guest's health (health_timeout).
+        limit = self.cfg.reconcile_interval * 3 + self.cfg.shutdown_timeout + self.cfg.health_timeout + 120
         while not self.stop.wait(usec / 2e6):
             if time.monotonic() - self.beat < limit:
                 self.notifier.notify("WATCHDOG=1")
