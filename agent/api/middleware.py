@@ -1,5 +1,6 @@
 """ASGI middleware that answers before the body is read: 401/403 for a bad token (``AuthGate``),
-413 for a body over the limit (``BodyLimit``). Wraps the whole app, for every caller."""
+413 for a body over the limit (``BodyLimit``). Wraps the whole app, for every caller; the gate
+also answers a WebSocket handshake (the SSH relay) before it is accepted."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection
 
-from agent.api.common import admin, bearer, principal
+from agent.api.common import admin, bearer
+from agent.daemon import Daemon, Principal
 from agent.errors import HvError, Unauthorized
 from agent.state import logfmt
 from agent.throttle import AuthThrottle
@@ -39,28 +42,50 @@ class AuthGate:
                                                               app.swagger_ui_oauth2_redirect_url) if u})
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.public:
+        if scope["type"] in ("http", "websocket") and scope["path"] not in self.public:
             client = scope.get("client")
             peer = str(client[0]) if client and client[0] else "local"
             wait = self.throttle.retry_after(peer)
             if wait is not None:
-                await JSONResponse({"error": f"authorization: too many failed attempts from {peer}; try again in "
-                                             f"{math.ceil(wait)} s"}, status_code=429,
-                                   headers={"Retry-After": str(math.ceil(wait))})(scope, receive, send)
+                await deny(scope, receive, send, JSONResponse(
+                    {"error": f"authorization: too many failed attempts from {peer}; try again in {math.ceil(wait)} s"},
+                    status_code=429, headers={"Retry-After": str(math.ceil(wait))}))
                 return
-            request = Request({**scope, "app": self.app})  # as Starlette passes it to the dependencies
+            conn = HTTPConnection({**scope, "app": self.app})  # as Starlette passes it to the dependencies
             try:
-                who = principal(request, await bearer(request))
-                if (scope["method"], scope["path"]) in ADMIN_ONLY_UPLOADS:
+                who = await caller(conn)
+                if scope["type"] == "http" and (scope["method"], scope["path"]) in ADMIN_ONLY_UPLOADS:
                     admin(who)
             except HvError as e:
-                if isinstance(e, Unauthorized) and request.headers.get("authorization"):  # a token, and a wrong one
+                if isinstance(e, Unauthorized) and conn.headers.get("authorization"):  # a token, and a wrong one
                     n = self.throttle.failed(peer)
                     log.warning(logfmt({"event": "auth.failed", "peer": peer, "path": scope["path"],
                                         "failures": str(n), "msg": e.message}))
-                await JSONResponse({"error": str(e)}, status_code=e.http_status)(scope, receive, send)
+                await deny(scope, receive, send, JSONResponse({"error": str(e)}, status_code=e.http_status))
                 return
         await self.app(scope, receive, send)
+
+
+async def caller(conn: HTTPConnection) -> Principal:
+    """Who sends a request or a WebSocket handshake: what the routers' ``Who`` dependency decides
+    for a request (FastAPI gives a WebSocket route no ``Request``, so the relay asks here)."""
+    creds = await bearer(conn)
+    if creds is None:
+        raise Unauthorized("authorization: missing bearer token (Authorization: Bearer TOKEN)")
+    daemon: Daemon = conn.app.state.daemon
+    return daemon.authenticate(creds.credentials)
+
+
+async def deny(scope: MutableMapping[str, Any], receive: Any, send: Any, response: JSONResponse) -> None:
+    """Send ``response``; to a WebSocket handshake, before it is accepted, as the HTTP response the
+    client reads (the ASGI denial-response extension, which uvicorn has), else as a bare 403."""
+    if scope["type"] == "http":
+        await response(scope, receive, send)
+    elif "websocket.http.response" in scope.get("extensions", {}):
+        await receive()  # websocket.connect
+        await response(scope, receive, send)
+    else:
+        await send({"type": "websocket.close", "code": 1008})
 
 
 class BodyLimit:
