@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -10,20 +9,24 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, BinaryIO
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Column, Table
+from rich.table import Table
 
 from agent import config as config_mod
+from agent.cli_remote import remote_app, vm_app
 from agent.errors import EnvError, HealthError, HvError, InputError, NotFound, one_line
 from agent.health import run as ssh_run
 from agent.host import Host
+from agent.output import emit_json as _emit_json
+from agent.output import err, out
+from agent.output import say as _say
+from agent.output import table_of as _table
+from agent.output import timestamp as _ts
 
 if TYPE_CHECKING:
     from agent.client import Client
@@ -38,14 +41,8 @@ app.add_typer(images_app, name="images")
 rollout_app = typer.Typer(no_args_is_help=True, help="Rollouts: latest-track VMs moving to a family's newest version.")
 app.add_typer(rollout_app, name="rollout")
 
-# Piped, a listing is as wide as its values (rich would fit it to 80 columns and cut them short);
-# on a terminal, a value too wide for its column folds onto the next line instead of being cut.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1 << 14)
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _table(*headers: str) -> Table:
-    return Table(*(Column(h, overflow="fold") for h in headers))
+app.add_typer(remote_app, name="remote")  # agent.cli_remote: a tenant's commands, against a remote host
+app.add_typer(vm_app, name="vm")
 
 
 @dataclass
@@ -80,11 +77,16 @@ CTX = Ctx()
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="configuration file")] = None,
     state_dir: Annotated[Path | None, typer.Option("--state-dir", help="override state_dir")] = None,
+    remote: Annotated[str | None, typer.Option("--remote", metavar="NAME", help="the remote host `hvagent vm` "
+                                               "drives; default $HVAGENT_REMOTE, else the default remote")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
 ) -> None:
     CTX.config, CTX.state_dir, CTX.debug = config, state_dir, debug
+    if remote is not None and ctx.invoked_subcommand != "vm":  # cli_remote reads it from this context
+        raise InputError(f"--remote: only `hvagent vm ...` talks to a remote, not `hvagent {ctx.invoked_subcommand}`")
 
 
 @contextmanager
@@ -97,19 +99,7 @@ def mutating() -> Iterator[Host]:
         yield host
 
 
-def _ts(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 # images ------------------------------------------------------------------------------------
-def _say(message: str) -> None:
-    out.print(message, markup=False, highlight=False)
-
-
 def _run_rollout(host: Host, rid: int) -> None:
     ro = host.rollouts.run(rid, _say)
     if ro.state is RolloutState.HALTED:
@@ -559,7 +549,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
     if as_json:
         _emit_json({"daemon": "running", **facts})
         return
-    out.print(f"daemon running (hvagent {facts['version']}, accelerator {facts['accelerator']}) on {c.socket}",
+    out.print(f"daemon running (hvagent {facts['version']}, accelerator {facts['accelerator']}) on {c.where}",
               markup=False, highlight=False)
 
 

@@ -1,4 +1,5 @@
-"""The CLI's way to a running daemon: HTTP over its Unix socket with the local admin token.
+"""The CLI's way to a daemon: HTTP over the local Unix socket with the local admin token, or
+HTTPS to a remote host (``agent.remote``) with a tenant's token. One place maps answers to errors.
 
 ``Client.detect`` returns None when no daemon answers (no socket, no token file, or nobody
 listening): the CLI then works on its own, under the same host lock the daemon takes.
@@ -6,14 +7,19 @@ listening): the CLI then works on its own, under the same host lock the daemon t
 
 from __future__ import annotations
 
+import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from agent.config import Config
 from agent.errors import Conflict, EnvError, Forbidden, HvError, InputError, NotFound, Unauthorized
+
+if TYPE_CHECKING:
+    from agent.remote import Remote
 
 _BY_STATUS: dict[int, type[HvError]] = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict}
 
@@ -21,14 +27,32 @@ _BY_STATUS: dict[int, type[HvError]] = {401: Unauthorized, 403: Forbidden, 404: 
 # equal timeouts a request sent on a connection about to expire meets the server's close, and the
 # CLI reads "connection reset by peer".
 KEEPALIVE_EXPIRY = 2.0
+CONNECT_TIMEOUT = 10.0
 
 
 class Client:
-    def __init__(self, socket_path: Path, token: str, timeout: float = 600.0) -> None:
-        self.socket = socket_path
-        self._http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://hvagent",
-                                  headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
-                                  limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY))
+    """Use ``Client.unix`` (the local daemon) or ``Client.https`` (a remote)."""
+
+    def __init__(self, http: httpx.Client, where: str, remote: Remote | None = None) -> None:
+        self._http = http
+        self.where = where  # the socket or the URL, for messages
+        self.remote = remote
+
+    @classmethod
+    def unix(cls, socket_path: Path, token: str, timeout: float = 600.0) -> Client:
+        return cls(httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://hvagent",
+                                headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
+                                limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY)), str(socket_path))
+
+    @classmethod
+    def https(cls, remote: Remote, timeout: float = 600.0) -> Client:
+        """A remote's API over TLS, its certificate checked against the remote's CA (and host name)."""
+        from agent.remote import ca_context
+
+        verify = ca_context(remote.ca, f"remote {remote.name}: ca")
+        return cls(httpx.Client(base_url=remote.url, headers={"Authorization": f"Bearer {remote.token}"},
+                                verify=verify, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
+                                limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY)), remote.url, remote)
 
     @classmethod
     def detect(cls, cfg: Config) -> Client | None:
@@ -39,7 +63,7 @@ class Client:
             token = cfg.local_token.read_text().strip()
         except OSError:
             return None
-        client = cls(sock, token)
+        client = cls.unix(sock, token)
         try:
             client._http.get("/healthz", timeout=2.0).raise_for_status()
         except httpx.HTTPError:
@@ -54,23 +78,61 @@ class Client:
         try:
             r = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as e:
-            raise EnvError(f"hvagent daemon at {self.socket}: {method} {path}: {e}") from e
+            raise self._unreached(method, path, e) from e
+        # a remote's answers name the remote: a tenant may use several
+        head = "" if self.remote is None else f"remote {self.remote.name}: "
         if r.status_code >= 400:
             try:
                 message = str(r.json()["error"])
             except (ValueError, KeyError, TypeError):
                 message = r.text.strip() or r.reason_phrase
             if r.status_code >= 500:
-                raise EnvError(f"daemon: {message}")
-            raise _BY_STATUS.get(r.status_code, InputError)(message)
-        return r.json()
+                raise EnvError(f"{head or 'daemon: '}{message}")
+            hint = None
+            if r.status_code == 401 and self.remote is not None:
+                hint = f"the token was refused; add the remote again with a valid one (`hvagent remote remove " \
+                       f"{self.remote.name}`, then `hvagent remote add`)"
+            raise _BY_STATUS.get(r.status_code, InputError)(head + message, hint=hint)
+        try:
+            return r.json()
+        except ValueError as e:
+            raise EnvError(f"{head}{self.where}: {method} {path}: HTTP {r.status_code} without JSON: not "
+                           "hvagent's API") from e
 
-    def wait_vm(self, name: str, timeout: float) -> dict[str, Any]:
-        """Poll until the VM leaves provisioning; its final view."""
+    def _unreached(self, method: str, path: str, e: httpx.HTTPError) -> HvError:
+        """The one line for a request that got no answer: a TLS verification failure is bad input
+        (the remote's CA), anything else the environment (host down, wrong port, network)."""
+        if self.remote is None:
+            return EnvError(f"hvagent daemon at {self.where}: {method} {path}: {e}")
+        where = f"remote {self.remote.name}: {self.where}"
+        cause = _ssl_cause(e)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            ca = self.remote.ca or "the system's trusted CAs"
+            return InputError(f"{where}: the server's certificate does not verify against {ca} "
+                              f"({cause.verify_message or cause.reason})",
+                              hint="check --ca: the remote needs the CA that signed this host's certificate, "
+                                   "and a URL with the host name or address that certificate names")
+        if cause is not None:
+            return EnvError(f"{where}: TLS handshake failed ({cause.reason or cause})",
+                            hint="is this port the daemon's api.listen with api.tls? a daemon with "
+                                 "api.tls.client_ca also wants a client certificate")
+        if isinstance(e, httpx.TimeoutException):
+            what = "no connection" if isinstance(e, httpx.ConnectTimeout) else "no answer"
+            return EnvError(f"{where}: {method} {path}: {what} in time ({e.__class__.__name__})",
+                            hint="is the host up and reachable from here?")
+        return EnvError(f"{where}: {method} {path}: cannot reach the host ({e or e.__class__.__name__})",
+                        hint="is the host up and its daemon serving this address (api.listen)? "
+                             "`hvagent remote list` shows the URL")
+
+    def wait_vm(self, name: str, timeout: float,
+                on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the VM leaves provisioning; its final view. ``on_poll`` sees each view."""
         deadline = time.monotonic() + timeout
         while True:
             vm: dict[str, Any] = self.request("GET", f"/v1/vms/{name}")
-            if vm["state"] != "provisioning" or time.monotonic() > deadline:
+            if on_poll is not None:
+                on_poll(vm)
+            if vm["state"] not in ("pending", "provisioning") or time.monotonic() > deadline:
                 return vm
             time.sleep(1.0)
 
@@ -87,3 +149,13 @@ class Client:
             if ro["state"] != "running":
                 return ro
             time.sleep(1.0)
+
+
+def _ssl_cause(e: BaseException) -> ssl.SSLError | None:
+    """The TLS error under an httpx error (httpx wraps httpcore's, which wraps the ssl module's)."""
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None or isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

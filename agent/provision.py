@@ -360,6 +360,10 @@ class Provisioner:
             return Endpoint(address, 22, manifest.ssh_user, pub)
         return Endpoint("127.0.0.1", row.host_port, manifest.ssh_user, pub)
 
+    def endpoint_user(self, row: VmRow) -> str:
+        """The login the VM's image takes its owner's keys for."""
+        return Manifest.model_validate(self._image(row).manifest).ssh_user
+
     def row(self, name: str) -> VmRow:
         row = self.state.vm(name)
         if row is None:

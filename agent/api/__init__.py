@@ -1,9 +1,9 @@
 """The HTTP API (FastAPI): admins drive images, rollouts and every VM; tenants only their own VMs.
 
-One router per resource (``host``, ``images``, ``rollouts``, ``vms``, ``disks``); this module
-builds the app from them and serves it with uvicorn. Every error is ``{"error": "one line"}`` with
-a 4xx (5xx only when the host itself is at fault). No request carries a host path, XML, a device,
-a QEMU argument or a libvirt URI.
+One router per resource (``host``, ``images``, ``rollouts``, ``vms``, ``disks``, and ``relay``: SSH
+to a guest over a WebSocket); this module builds the app from them and serves it with uvicorn.
+Every error is ``{"error": "one line"}`` with a 4xx (5xx only when the host itself is at fault).
+No request carries a host path, XML, a device, a QEMU argument or a libvirt URI.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from agent import __version__, qcow2
-from agent.api import disks, host, images, rollouts, vms
+from agent.api import disks, host, images, relay, rollouts, vms
 from agent.api.common import validation_line
 from agent.api.middleware import AuthGate, BodyLimit
 from agent.errors import HvError
@@ -48,7 +48,7 @@ def create_app(d: Daemon) -> FastAPI:
                   description="Hypervisor host agent: VMs from versioned qcow2 guest OS images on libvirt.")
     app.state.daemon = d  # what the routers' dependencies (common.daemon, common.principal) read
     app.state.metrics = host.metrics_registry(d)
-    for router in (host.router, images.router, rollouts.router, vms.router, disks.router):
+    for router in (host.router, images.router, rollouts.router, vms.router, disks.router, relay.router):
         app.include_router(router)
 
     @app.exception_handler(HvError)
@@ -118,15 +118,18 @@ def serve_api(d: Daemon, plain: list[socket.socket], secure: list[socket.socket]
             ready.append(True)
             on_ready()
 
-    servers = [(_Server(uvicorn.Config(gated, log_config=None, access_log=False, lifespan="off",
-                                       timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=30), group, ready_once),
-                plain)]
+    # The SSH relay's WebSocket: websockets' Sans-I/O protocol, named so that a missing package fails
+    # at start; no compression (SSH is encrypted); messages of at most 1 MiB (the relay sends 64 KiB).
+    def config(context: ssl.SSLContext | None = None) -> uvicorn.Config:
+        return uvicorn.Config(gated, log_config=None, access_log=False, lifespan="off", timeout_keep_alive=KEEP_ALIVE,
+                              timeout_graceful_shutdown=30, ws="websockets-sansio", ws_per_message_deflate=False,
+                              ws_max_size=1 << 20,
+                              ssl_context_factory=None if context is None else lambda _config, _default: context)
+
+    servers = [(_Server(config(), group, ready_once), plain)]
     if secure:
         assert tls is not None
-        config = uvicorn.Config(gated, log_config=None, access_log=False, lifespan="off",
-                                timeout_keep_alive=KEEP_ALIVE, timeout_graceful_shutdown=30,
-                                ssl_context_factory=lambda _config, _default: tls)
-        servers.append((_Server(config, group, ready_once), secure))
+        servers.append((_Server(config(tls), group, ready_once), secure))
     # uvicorn re-raises the signal it caught once it has shut down; let that land on a no-op so the
     # daemon can finish its engine step and exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

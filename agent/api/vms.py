@@ -94,12 +94,14 @@ def vm_get(p: Who, d: DaemonDep, name: Name) -> dict[str, Any]:
 
 @router.get("/v1/vms/{name}/hostkey", tags=["vms"])
 def vm_hostkey(p: Who, d: DaemonDep, name: Name) -> dict[str, str]:
-    """The guest's SSH host public key (hvagent made it and put it in the seed) and its
-    fingerprint: what the owner's known_hosts line holds, for strict host key checking."""
-    row = own(d.host(), p, name)
+    """The guest's SSH host public key (hvagent made it and put it in the seed), its fingerprint
+    (what the owner's known_hosts line holds, for strict host key checking) and the image's login."""
+    host = d.host()
+    row = own(host, p, name)
     private = VmPaths.of(d.cfg, row.name).host_key
     key = " ".join(private.with_name(private.name + ".pub").read_text().split()[:2])
-    return {"name": row.name, "key": key, "fingerprint": fingerprint(key)}
+    user = host.provisioner.endpoint_user(row)
+    return {"name": row.name, "key": key, "fingerprint": fingerprint(key), "user": user}
 
 
 @router.delete("/v1/vms/{name}", tags=["vms"])

@@ -93,7 +93,7 @@ def test_new_instance_id_reapplies_the_seed_and_same_one_keeps_config(host: Host
     assert health.run(ep, other.private, "hostname").stdout.strip() == "t-iid"
     with pytest.raises(paramiko.AuthenticationException):
         health.run(ep, tenant_key.private, "true")
-    console = (host.cfg.vm_dir / "t-iid" / "console.log").read_text(errors="replace")
+    console = VmPaths.of(host.cfg, "t-iid").console(row.uuid).read_text(errors="replace")
     assert "instance-id=t-iid-second" in console
 
 
@@ -101,9 +101,8 @@ def test_broken_variant_boots_without_ssh(host: Host, tenant_key: KeyPair) -> No
     host.catalog.publish(image("tiny-1.2-broken-ssh"))
     spec = parse_spec({"vms": [{"name": "t-broken", "owner": "t", "image": "tiny-1.2", "ssh_keys": [tenant_key.public],
                                 "health": {"timeout": 20}}]})
-    host.provisioner.create(spec.vms[0])
-    console = host.cfg.vm_dir / "t-broken" / "console.log"
-    wait_for_console(console, "ssh disabled")
+    row = host.provisioner.create(spec.vms[0])
+    wait_for_console(VmPaths.of(host.cfg, "t-broken").console(row.uuid), "ssh disabled")
     with pytest.raises(HealthError):
         host.provisioner.wait("t-broken")
     assert host.state.vm("t-broken").state == "failed"  # type: ignore[union-attr]
@@ -113,8 +112,8 @@ def test_panic_variant_panics(host: Host, tenant_key: KeyPair) -> None:
     host.catalog.publish(image("tiny-1.3-panic"))
     vm = {"name": "t-panic", "owner": "t", "image": "tiny-1.3", "ssh_keys": [tenant_key.public]}
     spec = parse_spec({"vms": [vm]})
-    host.provisioner.create(spec.vms[0])
-    wait_for_console(host.cfg.vm_dir / "t-panic" / "console.log", "Kernel panic")
+    row = host.provisioner.create(spec.vms[0])
+    wait_for_console(VmPaths.of(host.cfg, "t-panic").console(row.uuid), "Kernel panic")
 
 
 def test_image_size_and_manifest() -> None:

@@ -1,0 +1,307 @@
+"""Remotes: the hvagent hosts a tenant's CLI talks to over TLS, kept in
+``$XDG_CONFIG_HOME/hvagent/remotes.yaml`` (default ``~/.config/hvagent/remotes.yaml``).
+
+The file holds tokens: it is mode 0600 in a 0700 directory, replaced atomically (a private temp
+file, fsynced, renamed) under an exclusive lock, so two ``hvagent remote`` commands at once never
+lose an entry or leave half a file. A remote's CA is the path of a PEM file the user gave (made
+absolute), read at each use; nothing but that path is copied.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import ssl
+import sys
+import tempfile
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import Conflict, InputError, NotFound
+from agent.spec import check_name
+
+ENV_REMOTE = "HVAGENT_REMOTE"
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]{1,4096}$")  # what an Authorization header carries
+_M = TypeVar("_M", bound=BaseModel)
+_ADD_HINT = "hvagent remote add NAME https://HOST:PORT --ca CA.pem --token-file TOKEN"
+
+
+def check_url(value: str) -> str:
+    """``https://HOST[:PORT]`` (a name, an IPv4 address or ``[IPv6]``) -> ``https://HOST:PORT``."""
+    accepted = "accepted: https://HOST:PORT, the daemon's api.listen address served with api.tls"
+    try:
+        u = urllib.parse.urlsplit(value)
+        port = u.port
+    except ValueError as e:
+        raise ValueError(f"{value!r}: {e}; {accepted}") from None
+    if u.scheme != "https":
+        raise ValueError(f"{value!r}: not https; {accepted} (a token never crosses a network in clear text)")
+    if not u.hostname or u.username is not None or u.password is not None or u.path not in ("", "/") \
+            or u.query or u.fragment:
+        raise ValueError(f"{value!r}: {accepted}, nothing more (no user, path or query)")
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    return f"https://{host}:{port or 443}"
+
+
+class Remote(BaseModel):
+    """One host: where its API listens, the tenant's token for it and the CA its certificate is
+    checked against (None: the system's trusted CAs)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="what --remote and HVAGENT_REMOTE name")
+    url: str = Field(description="https://HOST:PORT")
+    token: str = Field(repr=False, description="the tenant's API token for this host")
+    ca: Path | None = Field(None, description="PEM file of the CA that signed the host's certificate")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "remote name")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_url(v)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if not _TOKEN_RE.match(v):
+            raise ValueError("accepted: one line of 1 to 4096 visible ASCII characters, no spaces")
+        return v
+
+    @field_validator("ca")
+    @classmethod
+    def _ca(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
+            raise ValueError(f"{v}: an absolute path")
+        return v
+
+
+class Remotes(BaseModel):
+    """The file's content: the remotes by name and the default one."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    default: str | None = None
+    remotes: tuple[Remote, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Remotes:
+        names = [r.name for r in self.remotes]
+        if len(set(names)) != len(names):
+            raise ValueError("remotes: a name appears twice")
+        if self.default is not None and self.default not in names:
+            raise ValueError(f"default: {self.default!r} is not one of the remotes")
+        return self
+
+    def names(self) -> list[str]:
+        return [r.name for r in self.remotes]
+
+    def get(self, name: str) -> Remote | None:
+        return next((r for r in self.remotes if r.name == name), None)
+
+    def add(self, remote: Remote) -> Remotes:
+        """With ``remote`` added; the first remote becomes the default."""
+        if self.get(remote.name) is not None:
+            raise Conflict(f"remote {remote.name}: exists; `hvagent remote remove {remote.name}` first")
+        return Remotes(default=self.default or remote.name, remotes=(*self.remotes, remote))
+
+    def remove(self, name: str) -> Remotes:
+        self.known(name, f"remote {name}")
+        return Remotes(default=None if self.default == name else self.default,
+                       remotes=tuple(r for r in self.remotes if r.name != name))
+
+    def with_default(self, name: str) -> Remotes:
+        self.known(name, f"remote {name}")
+        return Remotes(default=name, remotes=self.remotes)
+
+    def known(self, name: str, label: str) -> Remote:
+        """The remote called ``name``; else one line, starting with ``label``, naming the remotes there are."""
+        remote = self.get(name)
+        if remote is None:
+            there = (f"the remotes are {', '.join(self.names())}" if self.remotes
+                     else f"there is none yet; add one: {_ADD_HINT}")
+            raise NotFound(f"{label}: no such remote; {there}")
+        return remote
+
+    def pick(self, flag: str | None, env: Mapping[str, str] = os.environ) -> Remote:
+        """``--remote NAME``, else ``$HVAGENT_REMOTE``, else the default remote."""
+        if flag:
+            return self.known(flag, f"--remote {flag}")
+        if env.get(ENV_REMOTE):
+            return self.known(env[ENV_REMOTE], f"{ENV_REMOTE}={env[ENV_REMOTE]}")
+        if self.default is not None:
+            return self.known(self.default, f"default remote {self.default}")
+        if not self.remotes:
+            raise InputError(f"no remote: add one first: {_ADD_HINT}")
+        raise InputError(f"no default remote; pick one of {', '.join(self.names())} with --remote NAME, "
+                         f"{ENV_REMOTE}=NAME or `hvagent remote default NAME`")
+
+
+# -- the file ----------------------------------------------------------------------------------
+def remotes_file(env: Mapping[str, str] = os.environ) -> Path:
+    """``$XDG_CONFIG_HOME/hvagent/remotes.yaml``; a relative XDG_CONFIG_HOME is ignored (XDG says so)."""
+    base = env.get("XDG_CONFIG_HOME", "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".config"
+    return root / "hvagent" / "remotes.yaml"
+
+
+def load(path: Path | None = None) -> Remotes:
+    """The remotes in ``path`` (default ``remotes_file()``); none if the file does not exist."""
+    path = path or remotes_file()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return Remotes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from e
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Remotes:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({e.__class__.__name__})") from e
+    data = data or {}
+    entries = (data.get("remotes") or {}) if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(entries, dict) or set(data) - {"default", "remotes"}:
+        raise InputError(f"{path}: accepted: a mapping with 'default' (a name) and 'remotes' (name: {{url, token, "
+                         "ca}})")
+    remotes: list[Remote] = []
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise InputError(f"{path}: remotes.{name}: accepted: a mapping of url, token and ca")
+        remotes.append(_validated(Remote, {**entry, "name": name}, f"{path}: remotes.{name}"))
+    return _validated(Remotes, {"default": data.get("default"), "remotes": remotes}, str(path))
+
+
+def _validated(model: type[_M], data: dict[str, Any], where: str) -> _M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise InputError(f"{where}.{field}: {msg}" if field else f"{where}: {msg}") from e
+
+
+def dump(remotes: Remotes) -> str:
+    body: dict[str, Any] = {
+        "default": remotes.default,
+        "remotes": {r.name: {"url": r.url, "token": r.token, **({"ca": str(r.ca)} if r.ca else {})}
+                    for r in remotes.remotes},
+    }
+    return "# hvagent remotes (`hvagent remote --help`); it holds tokens: keep it 0600\n" + \
+        yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
+
+
+def save(remotes: Remotes, path: Path | None = None) -> None:
+    """Replace the remotes file atomically (``write_private``)."""
+    write_private(path or remotes_file(), dump(remotes))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` atomically: 0600 from its first byte, in a 0700 directory."""
+    _private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _private_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if directory.stat().st_mode & 0o077:
+            directory.chmod(0o700)
+    except OSError as e:
+        raise InputError(f"{directory}: cannot make a private directory ({e.strerror})") from e
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file's directory, for one read-modify-write."""
+    _private_dir(path.parent)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def update(change: Callable[[Remotes], Remotes], path: Path | None = None) -> Remotes:
+    """Load, change and save the remotes under the lock; the file is untouched if ``change`` raises."""
+    path = path or remotes_file()
+    with _locked(path):
+        remotes = change(load(path))
+        save(remotes, path)
+        return remotes
+
+
+# -- what `remote add` reads -------------------------------------------------------------------
+def check_ca(path: Path) -> Path:
+    """An absolute path to a readable file of PEM certificates (as given: a renewed file keeps working)."""
+    path = path.expanduser().absolute()
+    ca_context(path, "--ca")
+    return path
+
+
+def ca_context(ca: Path | None, where: str) -> ssl.SSLContext:
+    """A client TLS context trusting ``ca`` (None: the system's CAs), host names checked."""
+    if ca is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except OSError as e:  # ssl.SSLError is an OSError too: test it first
+        if isinstance(e, ssl.SSLError):
+            raise InputError(f"{where}: {ca}: not PEM certificates ({e.reason or e})",
+                             hint="give the CA certificate (PEM) that signed the host's certificate") from e
+        raise InputError(f"{where}: {ca}: cannot read ({e.strerror})") from e
+
+
+def read_token(token_file: Path | None, stdin: TextIO | None = None) -> str:
+    """The token from ``token_file``, else from standard input (prompted for, unechoed, on a terminal)."""
+    stdin = stdin or sys.stdin
+    if token_file is not None:
+        try:
+            text = token_file.read_text()
+        except OSError as e:
+            raise InputError(f"--token-file: {token_file}: cannot read ({e.strerror})") from e
+        except UnicodeDecodeError as e:
+            raise InputError(f"--token-file: {token_file}: not text") from e
+        where = f"--token-file: {token_file}"
+    elif stdin.isatty():
+        import getpass
+
+        text = getpass.getpass("token: ")
+        where = "token"
+    else:
+        text = stdin.read(8192)
+        where = "token (standard input)"
+    token = text.strip()
+    if not _TOKEN_RE.match(token):
+        raise InputError(f"{where}: accepted: one line of 1 to 4096 visible ASCII characters, no spaces",
+                         hint="`hvagent token new` on the host prints one")
+    return token
