@@ -143,10 +143,7 @@ class Catalog:
                                f"image: {accepted}, so the file is at most {bound} bytes")
         head = _read_up_to(src, qcow2.HEAD_BYTES)
         header = qcow2.parse_head(head, size if len(head) == qcow2.HEAD_BYTES else len(head), shown)
-        try:
-            qcow2.check_virtual_size(header, limit)
-        except ImageRefused as e:
-            raise ImageRefused(f"{shown}: {e.message}") from None
+        qcow2.check_virtual_size(header, limit, shown)
         if header.size != m.virtual_size:
             raise ImageRefused(f"{shown}: virtual size {header.size} differs from the manifest's {m.virtual_size}")
         return head, header

@@ -22,11 +22,7 @@ from agent.cli_remote import remote_app, vm_app
 from agent.errors import EnvError, HealthError, HvError, InputError, NotFound, one_line
 from agent.health import run as ssh_run
 from agent.host import Host
-from agent.output import emit_json as _emit_json
-from agent.output import err, out
-from agent.output import say as _say
-from agent.output import table_of as _table
-from agent.output import timestamp as _ts
+from agent.output import emit_json, err, out, say, table_of, timestamp
 
 if TYPE_CHECKING:
     from agent.client import Client
@@ -101,10 +97,10 @@ def mutating() -> Iterator[Host]:
 
 # images ------------------------------------------------------------------------------------
 def _run_rollout(host: Host, rid: int) -> None:
-    ro = host.rollouts.run(rid, _say)
+    ro = host.rollouts.run(rid, say)
     if ro.state is RolloutState.HALTED:
         raise HealthError(f"rollout {ro.id} of {ro.family_ref}.* -> {ro.target} halted: {ro.reason}")
-    _say(f"rollout {ro.id} of {ro.family_ref}.* -> {ro.target}: {ro.state}")
+    say(f"rollout {ro.id} of {ro.family_ref}.* -> {ro.target}: {ro.state}")
 
 
 @images_app.command("publish")
@@ -136,7 +132,7 @@ def images_publish(
         ro = host.rollouts.on_publish(row, policy)
         if ro is not None:
             _run_rollout(host, ro.id)
-        host.rollouts.enforce_retirements(_say)
+        host.rollouts.enforce_retirements(say)
 
 
 @images_app.command("retire")
@@ -150,11 +146,11 @@ def images_retire(
     seconds = parse_duration(grace)
     if (c := CTX.client()) is not None:
         r = c.request("POST", f"/v1/images/{ref}/retire", json={"grace": grace, "policy": policy.value})
-        out.print(f"retired {ref}: grace until {_ts(r['grace_until'])}, policy {r['policy']}")
+        out.print(f"retired {ref}: grace until {timestamp(r['grace_until'])}, policy {r['policy']}")
         return
     with mutating() as host:
-        r = host.rollouts.retire(ref, seconds, policy, _say)
-    out.print(f"retired {ref}: grace until {_ts(r.grace_until)}, policy {r.policy}")
+        r = host.rollouts.retire(ref, seconds, policy, say)
+    out.print(f"retired {ref}: grace until {timestamp(r.grace_until)}, policy {r.policy}")
 
 
 @images_app.command("gc")
@@ -173,12 +169,12 @@ def images_list(as_json: Annotated[bool, typer.Option("--json", help="machine-re
     """Images in the catalog: family, version, sha256, state and how many VMs use each."""
     entries = CTX.host().catalog.entries()
     if as_json:
-        _emit_json([{"name": e.row.name, "family": e.row.family, "version": e.row.version, "state": e.row.state,
+        emit_json([{"name": e.row.name, "family": e.row.family, "version": e.row.version, "state": e.row.state,
                      "sha256": e.row.sha256, "virtual_size": e.row.virtual_size, "vms": e.vms,
                      "firmware": e.row.manifest.get("firmware"), "path": e.row.path,
-                     "published_at": _ts(e.row.published_at)} for e in entries])
+                     "published_at": timestamp(e.row.published_at)} for e in entries])
         return
-    table = _table("IMAGE", "FAMILY", "VERSION", "STATE", "FIRMWARE", "SHA256", "VMS")
+    table = table_of("IMAGE", "FAMILY", "VERSION", "STATE", "FIRMWARE", "SHA256", "VMS")
     for e in entries:
         table.add_row(e.row.name, str(e.row.family), e.row.version, e.row.state, str(e.row.manifest.get("firmware")),
                       e.row.sha256[:12], str(e.vms))
@@ -188,14 +184,14 @@ def images_list(as_json: Annotated[bool, typer.Option("--json", help="machine-re
 def _follow_rollout(c: Client, rid: int) -> None:
     """Show a daemon-run rollout until it ends; a halt is an error, as when run here."""
     def step(s: dict[str, Any]) -> None:
-        _say(f"{s['vm']}: " + (f"on the target, downtime {s['downtime']:.1f}s" if s["state"] == "done"
+        say(f"{s['vm']}: " + (f"on the target, downtime {s['downtime']:.1f}s" if s["state"] == "done"
                                 else f"{s['state']}: {s['reason'] or ''}"))
 
-    _say(f"rollout {rid} runs in the daemon; following it (Ctrl-C stops following, not the rollout)")
+    say(f"rollout {rid} runs in the daemon; following it (Ctrl-C stops following, not the rollout)")
     ro = c.wait_rollout(rid, step)
     if ro["state"] == "halted":
         raise HealthError(f"rollout {rid} of {ro['family']}.* -> {ro['target']} halted: {ro['reason']}")
-    _say(f"rollout {rid} of {ro['family']}.* -> {ro['target']}: {ro['state']}")
+    say(f"rollout {rid} of {ro['family']}.* -> {ro['target']}: {ro['state']}")
 
 
 def _active_family(c: Client, family: str | None) -> str:
@@ -230,21 +226,21 @@ def apply(
                                           console=err, disable=not err.is_terminal) as bar:
             tasks: dict[str, TaskID] = {}
 
-            def say(name: str, message: str) -> None:
+            def progress(name: str, message: str) -> None:
                 if name not in tasks:
                     tasks[name] = bar.add_task(f"{name}: provisioning", total=None)
                 bar.update(tasks[name], description=f"{name}: {message}")
 
-            created = host.apply(spec, str(spec_file), say, notes=lambda m: err.print(f"[yellow]{m}[/]"))
+            created = host.apply(spec, str(spec_file), progress, notes=lambda m: err.print(f"[yellow]{m}[/]"))
             for name in created if wait else []:
-                say(name, "waiting for health")
+                progress(name, "waiting for health")
                 try:
                     with host.lock.released():  # the guest decides how long: others need not wait
                         host.provisioner.wait(name)
-                    say(name, "healthy")
+                    progress(name, "healthy")
                 except HealthError as e:
                     failures.append(f"{name}: {e.message}")
-                    say(name, "failed")
+                    progress(name, "failed")
     if not created:
         out.print("nothing to do: the host already matches the spec")
     else:
@@ -267,9 +263,9 @@ def ps(as_json: Annotated[bool, typer.Option("--json", help="machine-readable ou
                       "state": r.state, "domain": live.get(r.name, "missing"), "ssh": endpoint, "reason": r.reason,
                       "warning": warnings.get(r.name)})
     if as_json:
-        _emit_json(items)
+        emit_json(items)
         return
-    table = _table("NAME", "OWNER", "VERSION", "TRACK", "STATE", "DOMAIN", "SSH", "NOTE")
+    table = table_of("NAME", "OWNER", "VERSION", "TRACK", "STATE", "DOMAIN", "SSH", "NOTE")
     for i in items:
         note = f"[yellow]warning: {i['warning']}[/]" if i["warning"] else (i["reason"] or "")
         table.add_row(i["name"], i["owner"], f"{i['image']}-{i['version']}", i["track"], i["state"], i["domain"],
@@ -333,12 +329,12 @@ def events(
     """What happened on this host, oldest first (each VM's events carry its owner and UUID)."""
     evs = CTX.host().state.events(vm, owner=owner)
     if as_json:
-        _emit_json([{"ts": _ts(e.ts), "vm": e.vm, "owner": e.owner, "uuid": e.vm_uuid, "kind": e.kind,
+        emit_json([{"ts": timestamp(e.ts), "vm": e.vm, "owner": e.owner, "uuid": e.vm_uuid, "kind": e.kind,
                      "message": e.message, "duration": e.duration} for e in evs])
         return
-    table = _table("TIME", "VM", "OWNER", "EVENT", "MESSAGE", "DURATION")
+    table = table_of("TIME", "VM", "OWNER", "EVENT", "MESSAGE", "DURATION")
     for e in evs:
-        table.add_row(_ts(e.ts), e.vm or "-", e.owner or "-", e.kind, e.message,
+        table.add_row(timestamp(e.ts), e.vm or "-", e.owner or "-", e.kind, e.message,
                       f"{e.duration:.1f}s" if e.duration else "")
     out.print(table)
 
@@ -361,12 +357,12 @@ def disks_list(
     vms = {r.uuid: r.name for r in host.state.vms()}
     items: list[dict[str, Any]] = [
         {"name": d.name, "owner": d.owner, "size_gib": d.size_gib, "vm": vms.get(d.vm_uuid or ""),
-         "state": "attached" if d.vm_uuid else "kept", "created_at": _ts(d.created_at)}
+         "state": d.state, "created_at": timestamp(d.created_at)}
         for d in host.state.disks(owner)]
     if as_json:
-        _emit_json(items)
+        emit_json(items)
         return
-    table = _table("NAME", "OWNER", "SIZE", "STATE", "VM", "CREATED")
+    table = table_of("NAME", "OWNER", "SIZE", "STATE", "VM", "CREATED")
     for i in items:
         table.add_row(i["name"], i["owner"], f"{i['size_gib']} GiB", i["state"], i["vm"] or "-", i["created_at"])
     out.print(table)
@@ -459,11 +455,11 @@ def rollout_abort(family: Annotated[str | None, typer.Argument(help="family; def
 def _rollout_view(host: Host, only_active: bool) -> tuple[list[dict[str, Any]], Table]:
     rows = host.state.rollouts(active_only=only_active)
     data: list[dict[str, Any]] = []
-    table = _table("ROLLOUT", "FAMILY", "TARGET", "STATE", "VM", "BATCH", "FROM", "STEP", "DOWNTIME", "REASON")
+    table = table_of("ROLLOUT", "FAMILY", "TARGET", "STATE", "VM", "BATCH", "FROM", "STEP", "DOWNTIME", "REASON")
     for ro in rows:
         steps = host.state.steps(ro.id)
         data.append({"id": ro.id, "family": f"{ro.family_ref}", "target": ro.target, "state": ro.state,
-                     "max_unavailable": ro.max_unavailable, "reason": ro.reason, "created_at": _ts(ro.created_at),
+                     "max_unavailable": ro.max_unavailable, "reason": ro.reason, "created_at": timestamp(ro.created_at),
                      "vms": [{"vm": s.vm, "batch": s.batch + 1, "from": s.from_version, "state": s.state,
                               "downtime": s.downtime, "reason": s.reason} for s in steps]})
         for i, s in enumerate(steps):
@@ -482,7 +478,7 @@ def rollout_status(
     """Each rollout's VMs: batch, version they came from, step state, downtime."""
     host = CTX.host()
     if as_json:
-        _emit_json(_rollout_view(host, not all_)[0])
+        emit_json(_rollout_view(host, not all_)[0])
         return
     if not watch:
         out.print(_rollout_view(host, not all_)[1])
@@ -503,8 +499,8 @@ def recover() -> None:
     with mutating() as host:  # recovers the journal
         for ro in host.state.rollouts(active_only=True):
             if ro.state is RolloutState.RUNNING:
-                done = host.rollouts.run(ro.id, _say)
-                _say(f"rollout {done.id} of {done.family_ref}.* -> {done.target}: {done.state}"
+                done = host.rollouts.run(ro.id, say)
+                say(f"rollout {done.id} of {done.family_ref}.* -> {done.target}: {done.state}"
                      + (f" ({done.reason})" if done.reason else ""))
     out.print("recovered: no interrupted operation left")
 
@@ -532,7 +528,7 @@ def config_check(as_json: Annotated[bool, typer.Option("--json", help="print the
 
         server_context(cfg.api.tls)  # the files are there, readable, and a certificate and its key
     if as_json:
-        _emit_json(cfg.model_dump(mode="json", exclude={"api": {"tokens"}}))
+        emit_json(cfg.model_dump(mode="json", exclude={"api": {"tokens"}}))
         return
     source = config_mod.config_file(CTX.config)
     out.print(f"{source}: ok" if source else "no configuration file: the defaults are in effect",
@@ -547,7 +543,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
         raise EnvError(f"hvagent daemon: not answering on {CTX.cfg().api.socket}")
     facts = c.request("GET", "/v1/host")
     if as_json:
-        _emit_json({"daemon": "running", **facts})
+        emit_json({"daemon": "running", **facts})
         return
     out.print(f"daemon running (hvagent {facts['version']}, accelerator {facts['accelerator']}) on {c.where}",
               markup=False, highlight=False)

@@ -80,10 +80,7 @@ def inspect(path: Path, limit_bytes: int, shown: str | Path | None = None) -> tu
     Refusals name ``shown`` (default ``path``): the user's file when ``path`` is a private copy."""
     name = path if shown is None else shown
     header = qcow2.read_header(path, shown=name)
-    try:
-        qcow2.check_virtual_size(header, limit_bytes)  # before qemu-img gets to see the file
-    except ImageRefused as e:
-        raise ImageRefused(f"{name}: {e.message}", hint=e.hint) from None
+    qcow2.check_virtual_size(header, limit_bytes, name)  # before qemu-img gets to see the file
     info = qemu_img_info(path, shown=name)
     size = virtual_size(info)
     if size != header.size:  # so qemu-img's size is within the limit too

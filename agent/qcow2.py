@@ -122,12 +122,12 @@ def max_file_size(max_virtual_size: int) -> int:
     return max_virtual_size + max_virtual_size // 128 + (16 << 20)
 
 
-def check_virtual_size(h: Qcow2Header, limit_bytes: int) -> None:
-    """Refuse an image whose virtual size exceeds ``limit_bytes``."""
+def check_virtual_size(h: Qcow2Header, limit_bytes: int, shown: str | Path | None = None) -> None:
+    """Refuse an image whose virtual size exceeds ``limit_bytes``; the refusal names ``shown``."""
     if h.size > limit_bytes:
-        raise ImageRefused(
-            f"virtual size {h.size} bytes ({human(h.size)}) exceeds the limit of "
-            f"{limit_bytes} bytes ({human(limit_bytes)})")
+        where = "" if shown is None else f"{shown}: "
+        raise ImageRefused(f"{where}virtual size {h.size} bytes ({human(h.size)}) exceeds the limit of "
+                           f"{limit_bytes} bytes ({human(limit_bytes)})")
 
 
 # --------------------------------------------------------------------------------------------

@@ -241,6 +241,10 @@ class DiskRow:
     vm_uuid: str | None
     created_at: float
 
+    @property
+    def state(self) -> str:
+        return "attached" if self.vm_uuid else "kept"
+
 
 class State:
     def __init__(self, db_path: Path, clock: Callable[[], float] = time.time) -> None:

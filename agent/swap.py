@@ -169,8 +169,9 @@ class Swapper:
         database access in threads. Each VM's time is its own, so a batch's fast VMs do not
         inherit the downtime of its slowest."""
         key = self.prov.agent_key.private
-        checks = [(row.name, self.prov.endpoint(row, wait=True), VmSpec.model_validate(row.spec).health.command,
-                   self.prov.health_timeout(VmSpec.model_validate(row.spec)), expected) for row, expected in probes]
+        specs = [VmSpec.model_validate(row.spec) for row, _ in probes]
+        checks = [(row.name, self.prov.endpoint(row, wait=True), spec.health.command, self.prov.health_timeout(spec),
+                   expected) for (row, expected), spec in zip(probes, specs, strict=True)]
 
         def one(check: tuple[str, Endpoint, str | None, float, str]) -> tuple[str | None, float]:
             name, endpoint, command, timeout, expected = check

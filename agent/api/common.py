@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, Request
 from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import HTTPConnection
 
 from agent.daemon import Daemon, Principal
 from agent.errors import Forbidden, NotFound, Unauthorized
@@ -28,9 +29,19 @@ bearer = HTTPBearer(auto_error=False, description="a token from the configuratio
 
 
 def principal(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+    return _authenticated(request, creds)
+
+
+async def caller(conn: HTTPConnection) -> Principal:
+    """Who sends a request or a WebSocket handshake, as ``Who`` decides for a request (FastAPI gives
+    a WebSocket route no ``Request``: the relay and the pre-body gate ask here)."""
+    return _authenticated(conn, await bearer(conn))
+
+
+def _authenticated(conn: HTTPConnection, creds: HTTPAuthorizationCredentials | None) -> Principal:
     if creds is None:
         raise Unauthorized("authorization: missing bearer token (Authorization: Bearer TOKEN)")
-    daemon: Daemon = request.app.state.daemon
+    daemon: Daemon = conn.app.state.daemon
     return daemon.authenticate(creds.credentials)
 
 
@@ -83,10 +94,10 @@ def rollout_view(host: Host, ro: RolloutRow) -> dict[str, Any]:
                      "downtime": s.downtime, "reason": s.reason} for s in host.state.steps(ro.id)]}
 
 
-def disk_view(host: Host, disk: DiskRow) -> dict[str, Any]:
-    vm = next((r.name for r in host.state.vms(owner=disk.owner) if r.uuid == disk.vm_uuid), None)
-    return {"name": disk.name, "owner": disk.owner, "size_gib": disk.size_gib, "vm": vm,
-            "state": "attached" if disk.vm_uuid else "kept", "created_at": disk.created_at}
+def disk_view(disk: DiskRow, vm_names: dict[str, str]) -> dict[str, Any]:
+    """``vm_names``: VM names by UUID (one listing for all the disks shown)."""
+    return {"name": disk.name, "owner": disk.owner, "size_gib": disk.size_gib,
+            "vm": vm_names.get(disk.vm_uuid or ""), "state": disk.state, "created_at": disk.created_at}
 
 
 def validation_line(errors: Any) -> str:

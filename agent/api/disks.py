@@ -20,7 +20,8 @@ router = APIRouter(tags=["disks"])
 def disks_list(p: Who, d: DaemonDep) -> list[dict[str, Any]]:
     """Data disks: attached to a VM, or kept for their owner after it was destroyed."""
     host = d.host()
-    return [disk_view(host, disk) for disk in host.state.disks(owner=None if p.admin else p.name)]
+    names = {r.uuid: r.name for r in host.state.vms(owner=None if p.admin else p.name)}
+    return [disk_view(disk, names) for disk in host.state.disks(owner=None if p.admin else p.name)]
 
 
 @router.delete("/v1/disks/{name}")

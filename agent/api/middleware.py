@@ -14,8 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
-from agent.api.common import admin, bearer
-from agent.daemon import Daemon, Principal
+from agent.api.common import admin, caller
 from agent.errors import HvError, Unauthorized
 from agent.state import logfmt
 from agent.throttle import AuthThrottle
@@ -64,16 +63,6 @@ class AuthGate:
                 await deny(scope, receive, send, JSONResponse({"error": str(e)}, status_code=e.http_status))
                 return
         await self.app(scope, receive, send)
-
-
-async def caller(conn: HTTPConnection) -> Principal:
-    """Who sends a request or a WebSocket handshake: what the routers' ``Who`` dependency decides
-    for a request (FastAPI gives a WebSocket route no ``Request``, so the relay asks here)."""
-    creds = await bearer(conn)
-    if creds is None:
-        raise Unauthorized("authorization: missing bearer token (Authorization: Bearer TOKEN)")
-    daemon: Daemon = conn.app.state.daemon
-    return daemon.authenticate(creds.credentials)
 
 
 async def deny(scope: MutableMapping[str, Any], receive: Any, send: Any, response: JSONResponse) -> None:

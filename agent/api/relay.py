@@ -21,8 +21,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from agent.api.common import own
-from agent.api.middleware import caller
+from agent.api.common import caller, own
 from agent.errors import Conflict, EnvError, InputError, NotFound
 from agent.spec import NAME_RE
 from agent.state import VmState, logfmt

@@ -74,6 +74,14 @@ class Site:
     def relays_logged(self) -> int:
         return self.d.log.read_text().count("event=ssh.relay ")
 
+    def settled(self, port: int, timeout: float = 15.0) -> None:
+        """Wait until relays of earlier tests are over: no connection to the guest left, and their
+        log lines (written as each relay ends) all there."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.guest_connections(port) != 0:
+            time.sleep(0.2)
+        time.sleep(0.5)
+
     def guest_connections(self, port: int) -> int:
         """The daemon's TCP connections to ``port`` on loopback (established or closing)."""
         out = subprocess.run(["ss", "-tnpH", "dst", f"127.0.0.1:{port}"], capture_output=True, text=True,
@@ -208,6 +216,7 @@ def test_an_ssh_session_through_the_relay_with_the_host_key_pinned(site: Site, g
 
 
 def test_refusals_come_before_any_byte_is_relayed(site: Site, guest: Guest) -> None:
+    site.settled(guest.port)
     before = site.relays_logged()
     token = site.d.tokens
     cases: list[tuple[str, str, type[Exception], str]] = [
