@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.rule import Rule
 from rich.table import Table
 
 from agent import config as config_mod
@@ -41,7 +42,7 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
     try:
         with host.lock:
             host.recover()
-            out.rule(f"1. publish images into {cfg.store}")
+            _rule(out, f"1. publish images into {cfg.store}")
             for path in needed:
                 ref = path.stem
                 if any(r.ref == ref for r in host.state.images()):
@@ -50,7 +51,7 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
                 row = host.catalog.publish(path)
                 out.print(f"published {row.ref}: family {row.family}, firmware {row.manifest['firmware']}, "
                           f"sha256 {row.sha256[:16]}…")
-            out.rule("2. provision three VMs: pinned 1.0, latest of family 1, latest of family 2")
+            _rule(out, "2. provision three VMs: pinned 1.0, latest of family 1, latest of family 2")
             out.print(f"accelerator: {host.accelerator().value} (chosen by a probe guest)")
             for vm in spec.vms:
                 if host.state.vm(vm.name) is None:
@@ -62,7 +63,7 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
         show(host, out, "3. hvagent ps")
         inside(host, out, "4. inside each guest (SSH with the pinned host key)")
         with host.lock:
-            out.rule("5. the image pipeline publishes tiny 1.1: the latest-track VM swaps, the pinned one stays")
+            _rule(out, "5. the image pipeline publishes tiny 1.1: the latest-track VM swaps, the pinned one stays")
             row = host.catalog.publish(newer)
             out.print(f"published {row.ref}")
             rollout = host.rollouts.on_publish(row)
@@ -75,7 +76,7 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
         if keep:
             out.print(f"kept: state in {cfg.state_dir}; hvagent --state-dir {cfg.state_dir} ps")
         else:
-            out.rule("8. clean up")
+            _rule(out, "8. clean up")
             with host.lock:
                 for r in host.state.vms():
                     host.provisioner.destroy(r.name, purge=True)
@@ -86,7 +87,7 @@ def run_demo(ctx: Ctx, images_dir: Path, keep: bool, out: Console, err: Console)
 
 
 def show(host: Host, out: Console, title: str) -> None:
-    out.rule(title)
+    _rule(out, title)
     table = Table("NAME", "VERSION", "TRACK", "STATE", "SSH")
     for r in host.state.vms():
         table.add_row(r.name, f"{r.image}-{r.version}", r.track, r.state, f"127.0.0.1:{r.host_port}")
@@ -94,10 +95,15 @@ def show(host: Host, out: Console, title: str) -> None:
 
 
 def inside(host: Host, out: Console, title: str) -> None:
-    out.rule(title)
+    _rule(out, title)
     for r in host.state.vms():
         ep = host.provisioner.endpoint(r)
         res = ssh_run(ep, host.provisioner.agent_key.private,
                       ". /etc/os-release; printf '%s VERSION_ID=%s, ' \"$PRETTY_NAME\" \"$VERSION_ID\"; "
                       "tr '\\n' ' ' < /etc/hvagent-image")
         out.print(f"{r.name}: {res.stdout.strip()}", markup=False, highlight=False)
+
+
+def _rule(out: Console, title: str) -> None:
+    # a piped console is as wide as a listing needs (agent.output): a rule keeps a terminal's width
+    out.print(Rule(title), width=min(out.width, 100))
