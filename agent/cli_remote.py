@@ -288,8 +288,9 @@ def vm_hostkey(ctx: typer.Context, name: NameArg, as_json: JsonOpt = False) -> N
 
 
 # -- SSH through the host's API ----------------------------------------------------------------
-def _relay_url(remote: remote_mod.Remote, name: str) -> str:
-    return "wss://" + remote.url.removeprefix("https://") + f"/v1/vms/{name}/ssh"
+def _ws_url(remote: remote_mod.Remote, name: str, what: str) -> str:
+    """The WebSocket URL of VM ``name``'s ``what`` (ssh, console) on ``remote``."""
+    return "wss://" + remote.url.removeprefix("https://") + f"/v1/vms/{name}/{what}"
 
 
 @vm_app.command("proxy")
@@ -299,7 +300,7 @@ def vm_proxy(ctx: typer.Context, name: NameArg) -> None:
 
     remote = remote_mod.load().pick(ctx.find_root().params.get("remote"))
     check_name(name, "VM name")
-    proxy(_relay_url(remote, name), remote.token, remote_mod.ca_context(remote.ca, f"remote {remote.name}: ca"),
+    proxy(_ws_url(remote, name, "ssh"), remote.token, remote_mod.ca_context(remote.ca, f"remote {remote.name}: ca"),
           sys.stdin.buffer, sys.stdout.buffer)
 
 
@@ -344,3 +345,21 @@ def vm_ssh(
     if identity is not None:
         argv += ["-o", "IdentitiesOnly=yes", "-i", str(identity)]
     os.execvp("ssh", [*argv, name, *(command or [])])
+
+
+@vm_app.command("console")
+def vm_console(
+    ctx: typer.Context,
+    name: NameArg,
+    force: Annotated[bool, typer.Option("--force", help="take the console over from a session open elsewhere "
+                                        "(that one ends)")] = False,
+) -> None:
+    """The guest's serial console on this terminal (raw mode: every key goes to the guest); Ctrl-] leaves."""
+    from agent.relay_client import console
+
+    remote = remote_mod.load().pick(ctx.find_root().params.get("remote"))
+    check_name(name, "VM name")
+    url = _ws_url(remote, name, "console") + ("?force=true" if force else "")
+    code = console(url, remote.token, remote_mod.ca_context(remote.ca, f"remote {remote.name}: ca"),
+                   sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+    raise typer.Exit(code)

@@ -1,21 +1,26 @@
-"""The client end of the API's SSH relay (``/v1/vms/{name}/ssh``): what an SSH ProxyCommand runs,
+"""The client end of the API's WebSockets: the SSH relay (``/v1/vms/{name}/ssh``), what an SSH
+ProxyCommand runs,
 
     ssh -o ProxyCommand='hvagent vm proxy NAME' root@NAME
 
-copying its standard input to the WebSocket and the WebSocket to its standard output. A refusal
-(a wrong token, another tenant's VM, a stopped VM) is raised as the one-line error the daemon sent.
+copying its standard input to the WebSocket and the WebSocket to its standard output; and the
+serial console (``/v1/vms/{name}/console``), a terminal in raw mode until Ctrl-]. A refusal (a
+wrong token, another tenant's VM, a stopped VM) is raised as the one-line error the daemon sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import select
 import ssl
+import termios
 import threading
+import tty
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
@@ -23,7 +28,7 @@ from websockets.sync.client import ClientConnection, connect
 from agent import __version__
 from agent.errors import Conflict, EnvError, Forbidden, HvError, InputError, NotFound, Unauthorized
 
-__all__ = ["connect_relay", "proxy"]
+__all__ = ["ESCAPE", "connect_relay", "console", "proxy"]
 
 CHUNK = 64 << 10
 OPEN_TIMEOUT = 30.0
@@ -31,26 +36,28 @@ _BY_STATUS: dict[int, type[HvError]] = {400: InputError, 401: Unauthorized, 403:
                                          409: Conflict, 422: InputError}
 
 
-def connect_relay(url: str, token: str, ssl_context: ssl.SSLContext | None) -> ClientConnection:
-    """The open relay to a guest's SSH port (``ws://`` or ``wss://`` with ``ssl_context``), to be
-    used as a context manager (``with connect_relay(...) as ws:``), which closes it."""
+def connect_relay(url: str, token: str, ssl_context: ssl.SSLContext | None, what: str = "ssh relay"
+                  ) -> ClientConnection:
+    """The open WebSocket ``url`` (``ws://`` or ``wss://`` with ``ssl_context``): the relay to a
+    guest's SSH port, or its console; to be used as a context manager (``with connect_relay(...)
+    as ws:``), which closes it. ``what`` starts each error's line."""
     try:
         return connect(url, ssl=ssl_context, additional_headers={"Authorization": f"Bearer {token}"},
                        user_agent_header=f"hvagent/{__version__}", compression=None, open_timeout=OPEN_TIMEOUT,
                        max_size=1 << 20)
     except InvalidStatus as e:
-        raise _refusal(url, e.response.status_code, bytes(e.response.body)) from e
+        raise _refusal(url, e.response.status_code, bytes(e.response.body), what) from e
     except InvalidURI as e:
-        raise InputError(f"ssh relay: {url}: not a ws:// or wss:// URL") from e
+        raise InputError(f"{what}: {url}: not a ws:// or wss:// URL") from e
     except (OSError, TimeoutError, InvalidHandshake) as e:
-        raise EnvError(f"ssh relay: {url}: {str(e) or type(e).__name__}") from e
+        raise EnvError(f"{what}: {url}: {str(e) or type(e).__name__}") from e
 
 
-def _refusal(url: str, status: int, body: bytes) -> HvError:
+def _refusal(url: str, status: int, body: bytes, what: str) -> HvError:
     try:
         message = str(json.loads(body)["error"])
     except (ValueError, KeyError, TypeError):
-        message = f"ssh relay: {url}: HTTP {status}"
+        message = f"{what}: {url}: HTTP {status}"
     return _BY_STATUS.get(status, EnvError)(message)
 
 
@@ -111,3 +118,68 @@ def _write_all(stdout: BinaryIO, data: bytes) -> None:
     while view:  # a raw (unbuffered) stream may take part of it
         view = view[stdout.write(view):]
     stdout.flush()
+
+
+ESCAPE = b"\x1d"  # Ctrl-], as virsh console
+TAKEN_OVER = 4409  # the close code of a console session that another one took over (agent.api.console)
+
+
+def console(url: str, token: str, ssl_context: ssl.SSLContext | None, stdin: BinaryIO, stdout: BinaryIO,
+            notice: TextIO) -> int:
+    """The guest's serial console on this terminal until Ctrl-] (``ESCAPE``) is typed or the daemon
+    ends the session. A terminal on ``stdin`` is put in raw mode (every key goes to the guest, as
+    typed) and restored at the end. 0 when left with Ctrl-] or when the VM stopped; 1 when another
+    session took the console over."""
+    ending: list[str] = []
+    with connect_relay(url, token, ssl_context, "console") as ws, _raw(stdin):
+        notice.write("connected to the console; Ctrl-] leaves\r\n")
+        notice.flush()
+
+        def upstream() -> None:
+            try:
+                for chunk in _chunks(stdin, stop):
+                    typed, escape, _ = chunk.partition(ESCAPE)
+                    if typed:
+                        ws.send(typed)
+                    if escape:
+                        ending.append("left")
+                        return
+            except (ConnectionClosed, OSError):
+                pass
+            finally:
+                ws.close()
+
+        stop = threading.Event()
+        pump = threading.Thread(target=upstream, name="console-stdin", daemon=True)
+        pump.start()
+        try:
+            for message in ws:
+                if isinstance(message, bytes):
+                    _write_all(stdout, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            stop.set()
+            ws.close()
+            pump.join(timeout=5)
+    if ending:
+        notice.write("\r\nleft the console\r\n")
+        return 0
+    notice.write(f"\r\nconsole: {ws.close_reason or 'the connection closed'}\r\n")
+    return 1 if ws.close_code == TAKEN_OVER else 0
+
+
+@contextlib.contextmanager
+def _raw(stdin: BinaryIO) -> Iterator[None]:
+    """``stdin`` in raw mode while inside, if it is a terminal; restored however the block ends."""
+    try:
+        fd = stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (OSError, AttributeError, io.UnsupportedOperation, termios.error):
+        yield
+        return
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)

@@ -689,3 +689,62 @@ class LifecycleWatch:
         if conn is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
+
+
+class ConsoleStream:
+    """A guest's serial console as a byte stream (libvirt's ``virDomainOpenConsole``), on a libvirt
+    connection of its own that ``close`` closes. ``recv`` blocks until the guest writes; ``send``
+    may be called from another thread meanwhile.
+
+    libvirt allows one console session per domain: opening a second one is refused (``Conflict``)
+    unless ``force``, which ends the first (its ``recv`` then returns ``b""``)."""
+
+    CHUNK = 64 << 10
+
+    def __init__(self, uri: str, uuid: str, name: str, *, force: bool = False) -> None:
+        self.name = name
+        self.broken = False
+        _quiet_libvirt()
+        try:
+            self._conn = libvirt.open(uri)
+        except libvirt.libvirtError as e:
+            raise EnvError(f"libvirt at {uri}: {_message(e)}") from e
+        try:
+            dom = self._conn.lookupByUUIDString(uuid)
+            self._stream = self._conn.newStream(0)
+            flags = libvirt.VIR_DOMAIN_CONSOLE_SAFE | (libvirt.VIR_DOMAIN_CONSOLE_FORCE if force else 0)
+            dom.openConsole(None, self._stream, flags)
+        except libvirt.libvirtError as e:
+            self._conn.close()
+            if _code(e) in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                raise Conflict(f"vm {name}: is not running; its console is there while it runs") from e
+            if "session exists" in _message(e):
+                raise Conflict(f"vm {name}: another console session is open; force takes it over "
+                               "(hvagent vm console --force)") from e
+            raise EnvError(f"vm {name}: console: {_message(e)}") from e
+
+    def recv(self) -> bytes:
+        """What the guest wrote next; ``b""`` once the session is over: the guest stopped, or the
+        stream broke off (``broken``: another session forced its way in, or libvirt ended it)."""
+        try:
+            data = self._stream.recv(self.CHUNK)
+        except libvirt.libvirtError:
+            self.broken = True
+            return b""
+        return data if isinstance(data, bytes) else b""
+
+    def send(self, data: bytes) -> None:
+        """Type ``data`` into the console; EnvError once the session is over."""
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self._stream.send(bytes(view))
+            except libvirt.libvirtError as e:
+                raise EnvError(f"vm {self.name}: console: {_message(e)}") from e
+            view = view[max(sent, 0):]
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.abort()
+        with contextlib.suppress(libvirt.libvirtError):
+            self._conn.close()

@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI): admins drive images, rollouts and every VM; tenants only their own VMs.
 
-One router per resource (``host``, ``images``, ``rollouts``, ``vms``, ``disks``, and ``relay``: SSH
-to a guest over a WebSocket); this module builds the app from them and serves it with uvicorn.
+One router per resource (``host``, ``images``, ``rollouts``, ``vms``, ``disks``; ``relay``: SSH to a
+guest over a WebSocket; ``console``: its serial console over a WebSocket); this module builds the
+app from them and serves it with uvicorn.
 Every error is ``{"error": "one line"}`` with a 4xx (5xx only when the host itself is at fault).
 No request carries a host path, XML, a device, a QEMU argument or a libvirt URI.
 """
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from agent import __version__, qcow2
-from agent.api import disks, host, images, relay, rollouts, vms
+from agent.api import console, disks, host, images, relay, rollouts, vms
 from agent.api.common import validation_line
 from agent.api.middleware import AuthGate, BodyLimit
 from agent.errors import HvError
@@ -48,7 +49,8 @@ def create_app(d: Daemon) -> FastAPI:
                   description="Hypervisor host agent: VMs from versioned qcow2 guest OS images on libvirt.")
     app.state.daemon = d  # what the routers' dependencies (common.daemon, common.principal) read
     app.state.metrics = host.metrics_registry(d)
-    for router in (host.router, images.router, rollouts.router, vms.router, disks.router, relay.router):
+    for router in (host.router, images.router, rollouts.router, vms.router, disks.router, relay.router,
+                   console.router):
         app.include_router(router)
 
     @app.exception_handler(HvError)

@@ -293,9 +293,76 @@ def test_a_client_gone_mid_stream_leaves_no_connection_to_the_guest(site: Site, 
     assert (site.guest_connections(guest.port), site.relays_logged()) == (0, before + 2)
 
 
+def console_url(site: Site, name: str = VM, query: str = "") -> str:
+    return f"wss://127.0.0.1:{site.d.port}/v1/vms/{name}/console{query}"
+
+
+def read_until(ws: Any, marker: bytes, timeout: float = 60, poke: bytes | None = None) -> bytes:
+    """What the console shows until ``marker``; ``poke`` is typed every second meanwhile."""
+    seen = bytearray()
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {marker!r} on the console within {timeout} s: {bytes(seen[-300:])!r}"
+        if poke is not None:
+            ws.send(poke)
+        with contextlib.suppress(TimeoutError):
+            while marker not in seen:
+                seen += ws.recv(timeout=min(1.0, left), decode=False)
+    return bytes(seen)
+
+
+def test_the_console_shows_the_guests_prompt_and_takes_input(site: Site, guest: Guest) -> None:
+    """Issue 15, point 4: libvirt's console stream both ways, one session unless forced."""
+    token = site.d.tokens
+    with relay_client.connect_relay(console_url(site), token["alice"], site.tls, "console") as ws:
+        read_until(ws, b"login: ", poke=b"\r")  # the tiny image's getty on ttyS0
+        ws.send(b"typed-by-alice\r")  # getty echoes the name and asks for a password: input arrived
+        shown = read_until(ws, b"Password: ")
+        assert b"typed-by-alice" in shown, shown
+        ws.send(b"wrong\r")
+        read_until(ws, b"login: ", timeout=30, poke=b"\r")
+
+        # a second session is refused while this one is open, named as such
+        with pytest.raises(Conflict, match=f"^vm {VM}: another console session is open; force takes it over"):
+            relay_client.connect_relay(console_url(site), token["alice"], site.tls, "console")
+        # another tenant's VM is not there, whatever it asks for
+        for query in ("", "?force=true"):
+            with pytest.raises(NotFound, match=f"^vm {VM}: no such VM$"):
+                relay_client.connect_relay(console_url(site, query=query), token["bob"], site.tls, "console")
+        with pytest.raises(Unauthorized, match=r"^authorization: token expired$"):
+            relay_client.connect_relay(console_url(site), token["expired"], site.tls, "console")
+        with pytest.raises(InputError, match=r"^console: unknown query parameter 'port'"):
+            relay_client.connect_relay(console_url(site, query="?port=22"), token["alice"], site.tls, "console")
+        # the first session goes on meanwhile
+        ws.send(b"\r")
+        read_until(ws, b"login: ", timeout=30)
+
+        # --force takes it over: the first is closed, saying why
+        with relay_client.connect_relay(console_url(site, query="?force=true"), token["alice"], site.tls,
+                                        "console") as second:
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    ws.recv(timeout=30)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == \
+                (relay_client.TAKEN_OVER, "another console session took this one over, or libvirt ended it")
+            read_until(second, b"login: ", poke=b"\r")
+    log = site.d.log.read_text()
+    assert "event=console.session vm=relay-1 caller=alice" in log and "force=true" in log
+
+
 def test_a_stopped_vm_is_not_relayed_to(site: Site, guest: Guest) -> None:
+    console = relay_client.connect_relay(console_url(site), site.d.tokens["alice"], site.tls, "console")
     r = site.api("alice", "POST", f"/v1/vms/{VM}/stop")
     assert r.status_code == 200 and r.json()["state"] == "stopped", r.text
+    with console, pytest.raises(ConnectionClosed) as closed:  # the console session ends with its VM
+        while True:
+            console.recv(timeout=60)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1000, "the VM stopped")
+    with pytest.raises(Conflict, match=f"^vm {VM}: is not running; its console is there while it runs$"):
+        relay_client.connect_relay(console_url(site), site.d.tokens["alice"], site.tls, "console")
     with pytest.raises(Conflict, match=f"^vm {VM}: is stopped; ssh reaches a running VM only$"):
         relay_client.connect_relay(site.url(), site.d.tokens["alice"], site.tls)
     p = Proxied(site.url(), site.d.tokens["alice"], site.tls)
