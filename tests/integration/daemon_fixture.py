@@ -105,9 +105,10 @@ class Daemon:
 
 def start_daemon(state_dir: Path, extra: dict[str, Any] | None = None,
                  quotas: dict[str, dict[str, int]] | None = None, systemd: bool = True,
-                 api: dict[str, Any] | None = None) -> Daemon:
+                 api: dict[str, Any] | None = None, wrap: tuple[str, ...] = ()) -> Daemon:
     """With ``systemd`` False the daemon runs as by hand: no NOTIFY_SOCKET, readiness from /healthz.
-    ``api`` replaces settings of the api section (``tcp: None`` drops the loopback port)."""
+    ``api`` replaces settings of the api section (``tcp: None`` drops the loopback port). ``wrap``
+    runs it under a command (``ip netns exec NS``)."""
     tokens = {who: secrets.token_urlsafe(24) for who in ("ops", "alice", "bob", "expired")}
     quotas = quotas or {}
     entries: list[dict[str, Any]] = [{"name": "ops", "role": "admin", "sha256": token_hash(tokens["ops"])}]
@@ -131,7 +132,7 @@ def start_daemon(state_dir: Path, extra: dict[str, Any] | None = None,
     if systemd:
         env |= {"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"}
     with log.open("wb") as f:
-        proc = subprocess.Popen([str(EXE), "serve"], stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([*wrap, str(EXE), "serve"], stdout=f, stderr=subprocess.STDOUT, env=env)
     d = Daemon(state_dir, port, tokens, proc, notify, log)
     if not (d.wait_for("READY=1", 60) if systemd else _answers(d, 60)):
         d.terminate(10)

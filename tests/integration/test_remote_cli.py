@@ -173,7 +173,7 @@ def test_the_lifecycle_of_a_tenants_vm(site: Site) -> None:
 
     # SSH through the host's API: the system's ssh with the relay as ProxyCommand and the guest's key
     # pinned; with the same ssh_config block (`ssh -F`, as scp and rsync take it) a file goes in and
-    # back out (the tiny guest has no scp or sftp server: its dropbear runs commands only)
+    # back out (test_tenant_netns does the same with scp)
     private = alice.home / "id_ed25519"
     private.write_text(key.private)
     private.chmod(0o600)
