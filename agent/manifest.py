@@ -19,7 +19,9 @@ MAX_MANIFEST_BYTES = 1 << 20
 
 
 class Manifest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    # Unknown keys are refused, named: a misspelt ``guest_verison_id`` would otherwise be dropped
+    # without a word, and the check it asked for never made.
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     family: int = Field(ge=0, le=999999)
@@ -121,6 +123,8 @@ def load_manifest(path: Path) -> Manifest:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise InputError(f"{path}: {field}: unknown key; accepted: {', '.join(Manifest.model_fields)}") from e
         raise InputError(f"{path}: {field}: {err['msg']}") from e
     if m.parsed_version.family != m.family:
         raise InputError(f"{path}: version {m.version} is not in family {m.family}")

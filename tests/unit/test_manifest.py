@@ -37,6 +37,8 @@ def test_good_manifest(tmp_path: Path) -> None:
     ({"firmware": "coreboot"}, "firmware"),
     ({"virtual_size": -1}, "virtual_size"),
     ({"guest_version_id": "12\nX=1"}, "guest_version_id"),
+    # a misspelt key is named, not dropped (issue 17: the check it asked for would never run)
+    ({"guest_verison_id": "12"}, "m.yaml: guest_verison_id: unknown key; accepted: name, family, version"),
 ])
 def test_bad_manifests(tmp_path: Path, override: dict[str, Any], needle: str) -> None:
     with pytest.raises(InputError, match=needle):
