@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import ssl
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,14 +20,15 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from agent import remote as remote_mod
-from agent.errors import HealthError, InputError, one_line
+from agent.errors import Conflict, HealthError, HvError, InputError, one_line
 from agent.output import emit_json, err, out, say, table_of, timestamp
 from agent.spec import check_name, check_public_key
 
 if TYPE_CHECKING:
     from agent.client import Client
 
-remote_app = typer.Typer(no_args_is_help=True, help="Remote hosts for `hvagent vm`: URL, token and CA of each.")
+remote_app = typer.Typer(no_args_is_help=True, help="Remote hosts for `hvagent vm`: URL, token, CA and client "
+                         "certificate of each.")
 vm_app = typer.Typer(no_args_is_help=True, help="Your VMs on a remote host (--remote NAME, $HVAGENT_REMOTE, or "
                      "the default remote), through its API over TLS.")
 
@@ -44,6 +46,10 @@ def remote_add(
                                                     "default: standard input")] = None,
     ca: Annotated[Path | None, typer.Option("--ca", help="PEM file of the CA that signed the host's certificate; "
                                             "default: the system's trusted CAs")] = None,
+    cert: Annotated[Path | None, typer.Option("--cert", help="PEM file of your client certificate, for a host "
+                                              "whose API has api.tls.client_ca (with --key)")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="PEM file of that certificate's private key, "
+                                             "unencrypted (with --cert)")] = None,
 ) -> None:
     """Add a remote (the first one added is the default). The token is read from --token-file or stdin."""
     for field, value, check in (("NAME", name, lambda v: check_name(v, "remote name")),
@@ -55,18 +61,23 @@ def remote_add(
     remote_mod.load().add(remote_mod.Remote(name=name, url=url, token="-"))  # a taken name: refused before the
     # token is typed in (and again under the file's lock)
     ca_path = None if ca is None else remote_mod.check_ca(ca)
-    remote = remote_mod.Remote(name=name, url=url, token=remote_mod.read_token(token_file), ca=ca_path)
+    cert_key = remote_mod.check_client_cert(cert, key)
+    cert_path, key_path = cert_key or (None, None)
+    remote = remote_mod.Remote(name=name, url=url, token=remote_mod.read_token(token_file), ca=ca_path,
+                               cert=cert_path, key=key_path)
     remotes = remote_mod.update(lambda r: r.add(remote))
     say(f"added remote {name}: {remote.url}" + (f", CA {ca_path}" if ca_path else ", the system's CAs")
+        + (f", client certificate {cert_path}" if cert_path else "")
         + (" (the default remote)" if remotes.default == name else ""))
 
 
 @remote_app.command("list")
 def remote_list(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
-    """The remotes: name, URL, CA file and which is the default (tokens are never shown)."""
+    """The remotes: name, URL, CA file, client certificate file and which is the default (tokens are never shown)."""
     remotes = remote_mod.load()
     items: list[dict[str, Any]] = [{"name": r.name, "url": r.url, "ca": None if r.ca is None else str(r.ca),
-              "default": r.name == remotes.default} for r in remotes.remotes]
+                                    "cert": None if r.cert is None else str(r.cert),
+                                    "default": r.name == remotes.default} for r in remotes.remotes]
     if as_json:
         emit_json(items)
         return
@@ -74,9 +85,9 @@ def remote_list(as_json: Annotated[bool, typer.Option("--json", help="machine-re
         err.print(f"no remotes in {remote_mod.remotes_file()}; add one: hvagent remote add NAME https://HOST:PORT "
                   "--ca CA.pem", markup=False, highlight=False)
         return
-    table = table_of("NAME", "URL", "CA", "DEFAULT")
+    table = table_of("NAME", "URL", "CA", "CLIENT CERT", "DEFAULT")
     for i in items:
-        table.add_row(i["name"], i["url"], i["ca"] or "(system CAs)", "*" if i["default"] else "")
+        table.add_row(i["name"], i["url"], i["ca"] or "(system CAs)", i["cert"] or "-", "*" if i["default"] else "")
     out.print(table)
 
 
@@ -293,6 +304,34 @@ def _ws_url(remote: remote_mod.Remote, name: str, what: str) -> str:
     return "wss://" + remote.url.removeprefix("https://") + f"/v1/vms/{name}/{what}"
 
 
+@contextmanager
+def _cert_refusals(remote: remote_mod.Remote) -> Iterator[None]:
+    """A relay the host refused over the client certificate: the same line as an API call's."""
+    try:
+        yield
+    except HvError as e:
+        closed = _closed_unanswered(e)
+        refused = remote_mod.client_cert_refusal(remote, e, f"remote {remote.name}: {remote.url}", closed=closed)
+        if refused is None:
+            raise
+        raise refused from e
+
+
+def _closed_unanswered(e: BaseException) -> bool:
+    """Whether the host closed the relay's connection before its HTTP answer (what a refused client
+    certificate looks like without the host's alert)."""
+    from websockets.exceptions import ConnectionClosed, InvalidMessage
+
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionClosed | InvalidMessage | ConnectionResetError | ssl.SSLEOFError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 @vm_app.command("proxy")
 def vm_proxy(ctx: typer.Context, name: NameArg) -> None:
     """Relay stdin and stdout to the guest's SSH port through the host's API: ssh's ProxyCommand."""
@@ -300,16 +339,23 @@ def vm_proxy(ctx: typer.Context, name: NameArg) -> None:
 
     remote = remote_mod.load().pick(ctx.find_root().params.get("remote"))
     check_name(name, "VM name")
-    proxy(_ws_url(remote, name, "ssh"), remote.token, remote_mod.ca_context(remote.ca, f"remote {remote.name}: ca"),
-          sys.stdin.buffer, sys.stdout.buffer)
+    ssl_context = remote_mod.client_context(remote)
+    with _cert_refusals(remote):
+        proxy(_ws_url(remote, name, "ssh"), remote.token, ssl_context, sys.stdin.buffer, sys.stdout.buffer)
 
 
-def _ssh_options(ctx: typer.Context, name: str) -> list[tuple[str, str]]:
+def _ssh_options(ctx: typer.Context, name: str, running: bool = False) -> list[tuple[str, str]]:
     """ssh's options for NAME on the chosen remote: the relay as ProxyCommand, and the guest's host
-    key (fetched from the API now) in hvagent's own known_hosts, checked strictly."""
+    key (fetched from the API now) in hvagent's own known_hosts, checked strictly. ``running``:
+    refuse a VM that is not running in one line (rather than ssh's after the relay's)."""
     chosen = ctx.find_root().params.get("remote")
     remote = remote_mod.load().pick(chosen)
     with _client(ctx) as c:
+        if running:
+            state = c.request("GET", f"/v1/vms/{name}")["state"]
+            if state != "running":
+                raise Conflict(f"vm {name}: is {state}; ssh reaches a running VM only",
+                               hint=f"hvagent vm start {name}")
         hk: dict[str, str] = c.request("GET", f"/v1/vms/{name}/hostkey")
     alias = f"hvagent.{remote.name}.{name}"
     known = remote_mod.remotes_file().parent / "known_hosts"
@@ -340,7 +386,7 @@ def vm_ssh(
     """A shell in the guest, or a command, with the system's ssh through the host's API (host key checked)."""
     check_name(name, "VM name")
     argv = ["ssh"]
-    for k, v in _ssh_options(ctx, name):
+    for k, v in _ssh_options(ctx, name, running=True):
         argv += ["-o", f"{k}={v}"]
     if identity is not None:
         argv += ["-o", "IdentitiesOnly=yes", "-i", str(identity)]
@@ -360,6 +406,7 @@ def vm_console(
     remote = remote_mod.load().pick(ctx.find_root().params.get("remote"))
     check_name(name, "VM name")
     url = _ws_url(remote, name, "console") + ("?force=true" if force else "")
-    code = console(url, remote.token, remote_mod.ca_context(remote.ca, f"remote {remote.name}: ca"),
-                   sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
+    ssl_context = remote_mod.client_context(remote)
+    with _cert_refusals(remote):
+        code = console(url, remote.token, ssl_context, sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
     raise typer.Exit(code)

@@ -11,15 +11,13 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from agent.config import Config
 from agent.errors import Conflict, EnvError, Forbidden, HvError, InputError, NotFound, Unauthorized
-
-if TYPE_CHECKING:
-    from agent.remote import Remote
+from agent.remote import Remote, client_cert_refusal, client_context, ssl_cause
 
 _BY_STATUS: dict[int, type[HvError]] = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict}
 
@@ -46,10 +44,9 @@ class Client:
 
     @classmethod
     def https(cls, remote: Remote, timeout: float = 600.0) -> Client:
-        """A remote's API over TLS, its certificate checked against the remote's CA (and host name)."""
-        from agent.remote import ca_context
-
-        verify = ca_context(remote.ca, f"remote {remote.name}: ca")
+        """A remote's API over TLS, its certificate checked against the remote's CA (and host name),
+        the remote's client certificate, if any, presented."""
+        verify = client_context(remote)
         return cls(httpx.Client(base_url=remote.url, headers={"Authorization": f"Bearer {remote.token}"},
                                 verify=verify, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
                                 limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY)), remote.url, remote)
@@ -100,12 +97,17 @@ class Client:
                            "hvagent's API") from e
 
     def _unreached(self, method: str, path: str, e: httpx.HTTPError) -> HvError:
-        """The one line for a request that got no answer: a TLS verification failure is bad input
-        (the remote's CA), anything else the environment (host down, wrong port, network)."""
+        """The one line for a request that got no answer: a TLS verification failure, or a host
+        refusing the client certificate, is bad input (the remote's CA, cert or key), anything else
+        the environment (host down, wrong port, network)."""
         if self.remote is None:
             return EnvError(f"hvagent daemon at {self.where}: {method} {path}: {e}")
         where = f"remote {self.remote.name}: {self.where}"
-        cause = _ssl_cause(e)
+        refused = client_cert_refusal(self.remote, e, where,
+                                      closed=isinstance(e, httpx.RemoteProtocolError | httpx.ReadError))
+        if refused is not None:
+            return refused
+        cause = ssl_cause(e)
         if isinstance(cause, ssl.SSLCertVerificationError):
             ca = self.remote.ca or "the system's trusted CAs"
             return InputError(f"{where}: the server's certificate does not verify against {ca} "
@@ -113,9 +115,11 @@ class Client:
                               hint="check --ca: the remote needs the CA that signed this host's certificate, "
                                    "and a URL with the host name or address that certificate names")
         if cause is not None:
-            return EnvError(f"{where}: TLS handshake failed ({cause.reason or cause})",
+            mine = f"this remote's is {self.remote.cert}" if self.remote.cert else \
+                "this remote has none (--cert, --key)"
+            return EnvError(f"{where}: TLS handshake failed ({getattr(cause, 'reason', None) or cause})",
                             hint="is this port the daemon's api.listen with api.tls? a daemon with "
-                                 "api.tls.client_ca also wants a client certificate")
+                                 f"api.tls.client_ca also wants a client certificate its CA signed; {mine}")
         if isinstance(e, httpx.TimeoutException):
             what = "no connection" if isinstance(e, httpx.ConnectTimeout) else "no answer"
             return EnvError(f"{where}: {method} {path}: {what} in time ({e.__class__.__name__})",
@@ -149,13 +153,3 @@ class Client:
             if ro["state"] != "running":
                 return ro
             time.sleep(1.0)
-
-
-def _ssl_cause(e: BaseException) -> ssl.SSLError | None:
-    """The TLS error under an httpx error (httpx wraps httpcore's, which wraps the ssl module's)."""
-    seen: BaseException | None = e
-    for _ in range(8):
-        if seen is None or isinstance(seen, ssl.SSLError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None

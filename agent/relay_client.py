@@ -51,6 +51,11 @@ def connect_relay(url: str, token: str, ssl_context: ssl.SSLContext | None, what
         raise InputError(f"{what}: {url}: not a ws:// or wss:// URL") from e
     except (OSError, TimeoutError, InvalidHandshake) as e:
         raise EnvError(f"{what}: {url}: {str(e) or type(e).__name__}") from e
+    except ConnectionClosed as e:  # the host closed it before answering: a TLS alert (a client certificate
+        # it wanted), or a reset; the cause is kept for the caller to name
+        cause = e.__cause__ or e.__context__
+        raise EnvError(f"{what}: {url}: the connection closed before the host answered"
+                       + (f" ({cause})" if cause else "")) from e
 
 
 def _refusal(url: str, status: int, body: bytes, what: str) -> HvError:

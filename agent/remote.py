@@ -3,8 +3,9 @@
 
 The file holds tokens: it is mode 0600 in a 0700 directory, replaced atomically (a private temp
 file, fsynced, renamed) under an exclusive lock, so two ``hvagent remote`` commands at once never
-lose an entry or leave half a file. A remote's CA is the path of a PEM file the user gave (made
-absolute), read at each use; nothing but that path is copied.
+lose an entry or leave half a file. A remote's CA, and its client certificate and key (for a
+host whose API has ``api.tls.client_ca``), are paths of PEM files the user gave (made absolute),
+read at each use; nothing but those paths is copied.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import socket
 import ssl
 import sys
 import tempfile
@@ -24,7 +26,7 @@ from typing import Any, TextIO, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agent.errors import Conflict, InputError, NotFound
+from agent.errors import Conflict, HvError, InputError, NotFound
 from agent.spec import check_name
 
 ENV_REMOTE = "HVAGENT_REMOTE"
@@ -51,8 +53,9 @@ def check_url(value: str) -> str:
 
 
 class Remote(BaseModel):
-    """One host: where its API listens, the tenant's token for it and the CA its certificate is
-    checked against (None: the system's trusted CAs)."""
+    """One host: where its API listens, the tenant's token for it, the CA its certificate is
+    checked against (None: the system's trusted CAs) and the client certificate presented to it
+    (None: none; a host with ``api.tls.client_ca`` wants one)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -60,6 +63,8 @@ class Remote(BaseModel):
     url: str = Field(description="https://HOST:PORT")
     token: str = Field(repr=False, description="the tenant's API token for this host")
     ca: Path | None = Field(None, description="PEM file of the CA that signed the host's certificate")
+    cert: Path | None = Field(None, description="PEM file of the client certificate presented to the host")
+    key: Path | None = Field(None, description="PEM file of the client certificate's private key (unencrypted)")
 
     @field_validator("name")
     @classmethod
@@ -78,12 +83,18 @@ class Remote(BaseModel):
             raise ValueError("accepted: one line of 1 to 4096 visible ASCII characters, no spaces")
         return v
 
-    @field_validator("ca")
+    @field_validator("ca", "cert", "key")
     @classmethod
-    def _ca(cls, v: Path | None) -> Path | None:
+    def _absolute(cls, v: Path | None) -> Path | None:
         if v is not None and not v.is_absolute():
             raise ValueError(f"{v}: an absolute path")
         return v
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> Remote:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key: both or neither (a client certificate and its private key)")
+        return self
 
 
 class Remotes(BaseModel):
@@ -176,11 +187,11 @@ def parse(text: str, path: Path) -> Remotes:
     entries = (data.get("remotes") or {}) if isinstance(data, dict) else None
     if not isinstance(data, dict) or not isinstance(entries, dict) or set(data) - {"default", "remotes"}:
         raise InputError(f"{path}: accepted: a mapping with 'default' (a name) and 'remotes' (name: {{url, token, "
-                         "ca}})")
+                         "ca, cert, key}})")
     remotes: list[Remote] = []
     for name, entry in entries.items():
         if not isinstance(entry, dict):
-            raise InputError(f"{path}: remotes.{name}: accepted: a mapping of url, token and ca")
+            raise InputError(f"{path}: remotes.{name}: accepted: a mapping of url, token, ca, cert and key")
         remotes.append(_validated(Remote, {**entry, "name": name}, f"{path}: remotes.{name}"))
     return _validated(Remotes, {"default": data.get("default"), "remotes": remotes}, str(path))
 
@@ -198,7 +209,8 @@ def _validated(model: type[_M], data: dict[str, Any], where: str) -> _M:
 def dump(remotes: Remotes) -> str:
     body: dict[str, Any] = {
         "default": remotes.default,
-        "remotes": {r.name: {"url": r.url, "token": r.token, **({"ca": str(r.ca)} if r.ca else {})}
+        "remotes": {r.name: {"url": r.url, "token": r.token,
+                             **{k: str(v) for k, v in (("ca", r.ca), ("cert", r.cert), ("key", r.key)) if v}}
                     for r in remotes.remotes},
     }
     return "# hvagent remotes (`hvagent remote --help`); it holds tokens: keep it 0600\n" + \
@@ -260,15 +272,50 @@ def update(change: Callable[[Remotes], Remotes], path: Path | None = None) -> Re
         return remotes
 
 
-# -- what `remote add` reads -------------------------------------------------------------------
+# -- TLS: what `remote add` checks and each connection uses ----------------------------------
+class _Encrypted(Exception):
+    """Raised by the password callback: a key that needs a passphrase is refused, never prompted
+    for (``vm proxy`` runs as ssh's ProxyCommand, without a terminal)."""
+
+
+def _no_passphrase() -> bytes:
+    raise _Encrypted
+
+
 def check_ca(path: Path) -> Path:
     """An absolute path to a readable file of PEM certificates (as given: a renewed file keeps working)."""
     path = path.expanduser().absolute()
-    ca_context(path, "--ca")
+    _ca_context(path, "--ca")
     return path
 
 
-def ca_context(ca: Path | None, where: str) -> ssl.SSLContext:
+def check_client_cert(cert: Path | None, key: Path | None) -> tuple[Path, Path] | None:
+    """``--cert`` and ``--key`` as absolute paths (both or neither): a readable PEM certificate and
+    its unencrypted private key, which must match."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        given, missing = ("--cert", "--key") if key is None else ("--key", "--cert")
+        raise InputError(f"{given}: needs {missing} as well: a client certificate and its private key, both or "
+                         "neither")
+    cert, key = cert.expanduser().absolute(), key.expanduser().absolute()
+    _load_client_cert(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cert, key, "--cert", "--key")
+    return cert, key
+
+
+def client_context(remote: Remote) -> ssl.SSLContext:
+    """The TLS context of every connection to ``remote`` (its API, the SSH relay, the console):
+    the host's certificate checked against the remote's CA and host name, and the remote's client
+    certificate, if it has one, presented. Its files are read now: one that went bad since ``remote
+    add`` is one line naming the remote and the file."""
+    where = f"remote {remote.name}"
+    ctx = _ca_context(remote.ca, f"{where}: ca")
+    if remote.cert is not None and remote.key is not None:
+        _load_client_cert(ctx, remote.cert, remote.key, f"{where}: cert", f"{where}: key")
+    return ctx
+
+
+def _ca_context(ca: Path | None, where: str) -> ssl.SSLContext:
     """A client TLS context trusting ``ca`` (None: the system's CAs), host names checked."""
     if ca is None:
         return ssl.create_default_context()
@@ -279,6 +326,100 @@ def ca_context(ca: Path | None, where: str) -> ssl.SSLContext:
             raise InputError(f"{where}: {ca}: not PEM certificates ({e.reason or e})",
                              hint="give the CA certificate (PEM) that signed the host's certificate") from e
         raise InputError(f"{where}: {ca}: cannot read ({e.strerror})") from e
+
+
+def _load_client_cert(ctx: ssl.SSLContext, cert: Path, key: Path, cert_label: str, key_label: str) -> None:
+    """``ctx`` with the client certificate chain ``cert`` and its private key ``key``; each failure
+    one line naming the file at fault and what is accepted."""
+    for path, label in ((cert, cert_label), (key, key_label)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as e:
+            raise InputError(f"{label}: {path}: cannot read ({e.strerror})") from e
+    try:
+        ctx.load_cert_chain(cert, key, password=_no_passphrase)
+    except _Encrypted:
+        raise InputError(f"{key_label}: {key}: an encrypted private key; accepted: an unencrypted PEM private key",
+                         hint="hvagent cannot ask for a passphrase (ssh runs `vm proxy` without a terminal); "
+                              "keep the key unencrypted and readable by you alone (chmod 600)") from None
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise InputError(f"{key_label}: {key}: not the private key of the certificate in {cert}",
+                             hint="give the key the client certificate was issued for") from e
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(cert))
+        except ssl.SSLError:
+            raise InputError(f"{cert_label}: {cert}: not a PEM certificate; accepted: the client certificate "
+                             "(PEM), then any intermediate CA certificates",
+                             hint="one the CA of the host's api.tls.client_ca signed") from e
+        raise InputError(f"{key_label}: {key}: not a PEM private key ({e.reason or 'no key in it'}); accepted: "
+                         "the client certificate's private key, PEM, unencrypted") from e
+
+
+_REFUSED_CERT = {"TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+                 "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+                 "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "TLSV1_ALERT_ACCESS_DENIED"}
+_CERT_REQUIRED = "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+PROBE_TIMEOUT = 5.0
+
+
+def ssl_cause(e: BaseException) -> ssl.SSLError | None:
+    """The TLS error under ``e`` (httpx wraps httpcore's, which wraps the ssl module's; the relay's
+    error wraps websockets', which wraps it)."""
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None or isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def client_cert_refusal(remote: Remote, e: BaseException, where: str, closed: bool = False) -> HvError | None:
+    """The one line for a connection the host refused over the client certificate (a missing one,
+    or one it does not take), if that is what ``e`` was; else None.
+
+    With TLS 1.3 the host checks the client's certificate after the client's side of the handshake
+    is done, so a refusal ends the connection at the client's first read: with the host's alert
+    (``tlsv13 alert certificate required``, ``tlsv1 alert unknown ca``) when the server sends one,
+    as a bare close when it does not (asyncio's TLS, so uvicorn's and the daemon's, drops it). For
+    a connection ``closed`` without an answer or an alert, a TLS 1.2 handshake, in which the host
+    checks the certificate before it finishes, tells (``handshake_refused``)."""
+    reason = getattr(ssl_cause(e), "reason", None) or ""
+    if reason == _CERT_REQUIRED or (reason in _REFUSED_CERT and remote.cert is not None):
+        how = f"({reason.lower().replace('_', ' ')})"
+    elif closed and handshake_refused(remote):
+        how = "(it broke the TLS handshake off)"
+    else:
+        return None
+    add_again = f"`hvagent remote remove {remote.name}`, then `hvagent remote add` with --cert FILE --key FILE"
+    if remote.cert is None:
+        return InputError(f"{where}: the host requires a client certificate, and this remote has none",
+                          hint=f"add it again with one the CA of the host's api.tls.client_ca signed: {add_again}")
+    return InputError(f"{where}: the host refused the client certificate {remote.cert} {how}",
+                      hint=f"it takes a valid certificate the CA of its api.tls.client_ca signed; {add_again}")
+
+
+def handshake_refused(remote: Remote, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether the host breaks off a TLS 1.2 handshake with the remote's context (its CA, its client
+    certificate or none): what a host that wants a client certificate, and did not get one it
+    takes, does before its side of the handshake is finished. No request is sent (no token)."""
+    url = urllib.parse.urlsplit(remote.url)
+    host = url.hostname or ""
+    ctx = client_context(remote)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        with socket.create_connection((host, url.port or 443), timeout=timeout) as sock, \
+                ctx.wrap_socket(sock, server_hostname=host):
+            return False
+    except ssl.SSLCertVerificationError:
+        return False
+    except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError):
+        return True  # closed mid-handshake, without an alert
+    except ssl.SSLError as e:
+        return e.reason in {*_REFUSED_CERT, _CERT_REQUIRED, "SSLV3_ALERT_HANDSHAKE_FAILURE"}
+    except OSError:
+        return False  # not reached at all: not a matter of certificates
 
 
 def read_token(token_file: Path | None, stdin: TextIO | None = None) -> str:

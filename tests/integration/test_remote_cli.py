@@ -110,7 +110,7 @@ def test_remote_add_keeps_the_tenants_file_private(site: Site) -> None:
     path = alice.home / ".config" / "hvagent" / "remotes.yaml"
     assert (path.stat().st_mode & 0o777, path.parent.stat().st_mode & 0o777) == (0o600, 0o700)
     assert alice.json("remote", "list") == [{"name": "hv1", "url": site.url, "ca": str(site.ca.cert),
-                                             "default": True}]
+                                             "cert": None, "default": True}]
     assert site.daemon.tokens["alice"] not in alice.ok("remote", "list")
     # a token from standard input works as well (here: carol's expired one)
     alice.ok("remote", "add", "old", site.url, "--ca", str(site.ca.cert), stdin=site.daemon.tokens["expired"])

@@ -158,7 +158,9 @@ def test_a_bad_file_is_one_line_naming_the_field(xdg: Path) -> None:
         ("remotes: {hv1: {url: 'http://x:1', token: t}}", "remotes.hv1.url: 'http://x:1': not https"),
         ("remotes: {hv1: {url: 'https://x:1', token: 'two words'}}", "remotes.hv1.token: accepted: one line"),
         ("remotes: {hv1: {url: 'https://x:1', token: t, ca: rel.pem}}", "remotes.hv1.ca: rel.pem: an absolute"),
-        ("remotes: {hv1: {url: 'https://x:1', token: t, cert: c}}", "remotes.hv1.cert: Extra inputs"),
+        ("remotes: {hv1: {url: 'https://x:1', token: t, cert: c, key: /k}}", "remotes.hv1.cert: c: an absolute"),
+        ("remotes: {hv1: {url: 'https://x:1', token: t, cert: /c}}", "remotes.hv1: cert and key: both or neither"),
+        ("remotes: {hv1: {url: 'https://x:1', token: t, crt: /c}}", "remotes.hv1.crt: Extra inputs"),
         ("default: hv2\nremotes: {hv1: {url: 'https://x:1', token: t}}", "default: 'hv2' is not one of"),
     ]
     for text, needle in cases:
@@ -208,8 +210,8 @@ def test_remote_commands(xdg: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["remote", "list", "--json"])
     assert json.loads(res.stdout) == [
-        {"name": "hv1", "url": "https://127.0.0.1:8470", "ca": str(ca.cert), "default": True},
-        {"name": "hv2", "url": "https://hv2.example:8470", "ca": None, "default": False}]
+        {"name": "hv1", "url": "https://127.0.0.1:8470", "ca": str(ca.cert), "cert": None, "default": True},
+        {"name": "hv2", "url": "https://hv2.example:8470", "ca": None, "cert": None, "default": False}]
     assert "token" not in res.stdout  # never shown
     res = runner.invoke(app, ["remote", "list"])
     assert "hv2.example" in res.stdout and "alice-token" not in res.stdout
