@@ -295,3 +295,17 @@ def test_host_without_hardware_virtualization_stops_site_with_one_message(fleet:
     assert "hv2: no hardware virtualization (/dev/no-kvm missing" in play.output
     assert all(play.recap[h]["changed"] == 0 for h in HOSTS), play.output[-3000:]
     assert "health_timeout: 90" in fleet.sh("hv1", "cat /etc/hvagent/config.yaml")
+
+
+def test_qemu_conf_running_qemu_as_root_stops_site_with_one_message(fleet: Fleet) -> None:
+    conf = "/etc/libvirt/qemu.conf"
+    fleet.sh("hv3", f"cp -p {conf} {conf}.hvtest && echo 'user = \"root\"' >> {conf}")
+    try:
+        play = fleet.playbook("site.yml", "-e", '{"hvagent_config": {"health_timeout": 91}}')
+    finally:
+        fleet.sh("hv3", f"mv {conf}.hvtest {conf}")
+    assert play.rc != 0
+    assert 'hv3: /etc/libvirt/qemu.conf: user is "root"; expected: "libvirt-qemu"' in play.output, play.output[-3000:]
+    assert play.recap["hv3"]["failed"] == 1
+    assert all(play.recap[h]["changed"] == 0 for h in HOSTS), play.output[-3000:]
+    assert "health_timeout: 90" in fleet.sh("hv1", "cat /etc/hvagent/config.yaml")

@@ -2,23 +2,31 @@
 
 ``test_vagrantfile_validates`` runs wherever vagrant is installed: no box, no libvirtd needed.
 The end-to-end test (marker ``lab``) takes about 12 minutes here, box build included (hypervisor
-hosts under TCG, then a guest under TCG inside one of them). It runs in ``make test`` and CI;
+hosts under TCG, then a guest under TCG inside one of them), plus about a minute of checks that
+hold only under the shipped systemd unit's sandbox (``check_unit_sandbox``: the lab's hosts run
+systemd, and the Ansible role installs that unit there). It runs in ``make test`` and CI;
 ``make test-lab`` runs it alone, ``-m "not lab"`` leaves it out. Whatever happens, its fixture
 runs ``make lab-destroy`` and checks that nothing of the lab is left.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from agent.seed import new_ed25519
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB_NS = "hvlab"
@@ -139,3 +147,93 @@ def test_lab_end_to_end(lab: float) -> None:
         assert status["accelerator"] == "qemu", status
     vms = json.loads(lab_ssh("hv1", "sudo /opt/hvagent/bin/hvagent ps --json"))
     assert [(vm["name"], vm["state"], vm["domain"]) for vm in vms] == [("lab-1", "running", "running")]
+    check_unit_sandbox("hv1", status)
+    vms = json.loads(lab_ssh("hv1", "sudo /opt/hvagent/bin/hvagent ps --json"))
+    assert [vm["name"] for vm in vms] == ["lab-1"], "the network-mode check left a VM behind"
+
+
+# -- the systemd unit's sandbox --------------------------------------------------------------------
+UNIT = ROOT / "agent" / "data" / "hvagent.service"
+UNIT_PROPERTIES = ("FragmentPath", "DropInPaths", "NeedDaemonReload", "ActiveState", "RestrictAddressFamilies",
+                   "PrivateDevices", "DevicePolicy", "DeviceAllow")
+
+
+def key_values(text: str) -> dict[str, list[str]]:
+    """KEY=VALUE lines (systemctl show's, and the checks' own) as each key's values in order."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def check_unit_sandbox(host: str, status: dict[str, Any]) -> None:
+    """The daemon on HOST runs under the shipped unit, and that unit's sandbox lets it do its work.
+
+    Under the unit as it was before issue 17.7 (``PrivateDevices=yes``, no ``AF_NETLINK``) the
+    ``systemctl show``, /dev and network-mode checks fail: the daemon's /dev was a private tmpfs,
+    so its host facts said "no /dev/kvm" on a KVM host (the facts check itself bites only where
+    the host has /dev/kvm: ``HVAGENT_LAB_DRIVER=kvm``), and ``ip -j addr`` (agent/hostnet.py)
+    could not open its netlink socket, so no network-mode VM could be defined. ``status`` is
+    ``hvagent status --json`` on HOST: the daemon's own host facts.
+    """
+    view = key_values(lab_ssh(host, (
+        "set -e; echo UnitSha256=$(sha256sum < /etc/systemd/system/hvagent.service | cut -d' ' -f1); "
+        "systemctl show hvagent " + " ".join(f"-p {p}" for p in UNIT_PROPERTIES) + "; "
+        "pid=$(systemctl show hvagent -p MainPID --value); "
+        "sudo awk '/^(NoNewPrivs|Seccomp):/ {print $1 \"=\" $2}' /proc/$pid/status | tr -d :; "
+        "echo DaemonDev=$(sudo findmnt -N $pid -no FSTYPE,SOURCE /dev); "
+        "echo HostDev=$(findmnt -no FSTYPE,SOURCE /dev); "
+        "if [ -e /dev/kvm ]; then echo HostKvm=true; else echo HostKvm=false; fi")))
+    # what systemd applies is the shipped file, unchanged: no drop-in, no stale copy
+    assert view["UnitSha256"] == [hashlib.sha256(UNIT.read_bytes()).hexdigest()], view
+    assert view["FragmentPath"] == ["/etc/systemd/system/hvagent.service"], view
+    assert view.get("DropInPaths", [""]) == [""] and view["NeedDaemonReload"] == ["no"], view
+    assert view["ActiveState"] == ["active"], view
+    assert set(view["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}, view
+    assert (view["PrivateDevices"], view["DevicePolicy"]) == (["no"], ["closed"]), view
+    assert "/dev/kvm rw" in view["DeviceAllow"], view  # ProtectClock=yes adds "char-rtc r"
+    # the running daemon is the sandboxed one (NoNewPrivileges, SystemCallFilter: seccomp mode 2)
+    assert (view["NoNewPrivs"], view["Seccomp"]) == (["1"], ["2"]), view
+    # it sees the host's /dev (PrivateDevices=yes gave it a tmpfs), so its facts see /dev/kvm
+    # when the host has it (TCG lab hosts have none; HVAGENT_LAB_DRIVER=kvm hosts do)
+    assert view["DaemonDev"] == view["HostDev"] and view["HostDev"][0].startswith("devtmpfs"), view
+    assert status["facts"]["kvm_device"] is (view["HostKvm"] == ["true"]), (status, view)
+    check_hostnet_under_unit(host)
+
+
+NETCHECK_VM = "lab-netcheck"
+
+
+def check_hostnet_under_unit(host: str) -> None:
+    """A network-mode VM through the daemon's API (`hvagent apply`, POST /v1/apply): the define
+    reads the host's addresses with `ip -j addr` inside the daemon, and puts them into libvirt's
+    nwfilter hvagent-guest. No guest boots: the VM names a libvirt network that does not exist,
+    so its start fails after the define, and the daemon undoes the VM. The filter it defined
+    holds every address the host has: netlink worked under the unit."""
+    spec = {"vms": [{"name": NETCHECK_VM, "owner": "lab", "image": "tiny-1.*", "cpus": 1, "memory": 64,
+                     "ssh_keys": [new_ed25519("lab").public], "restart": "never",
+                     "network": {"mode": "network", "name": "nosuchnet"}}]}
+    virsh = "sudo virsh -q -c qemu:///system"
+    out = lab_ssh(host, (
+        "set -e; sudo modprobe br_netfilter; "  # network mode's precondition (README: Security model)
+        "sudo sysctl -q -w net.bridge.bridge-nf-call-iptables=1 net.bridge.bridge-nf-call-ip6tables=1; "
+        f"{virsh} nwfilter-undefine hvagent-guest >/dev/null 2>&1 || true; "
+        f"if {virsh} nwfilter-list | grep -qw hvagent-guest; then echo 'hvagent-guest: still defined'; exit 1; fi; "
+        f"echo '{json.dumps(spec)}' > /tmp/{NETCHECK_VM}.yaml; "
+        f"rc=0; sudo /opt/hvagent/bin/hvagent apply --no-wait /tmp/{NETCHECK_VM}.yaml 2>&1 || rc=$?; "
+        "echo apply-exit=$rc"))
+    assert "apply-exit=0" not in out, f"the VM on network nosuchnet was created: {out}"
+    assert "ip -j addr" not in out and "Address family not supported" not in out, out
+    assert "nosuchnet" in out, f"expected libvirt to refuse the missing network at start: {out}"
+    filter_xml = lab_ssh(host, f"{virsh} nwfilter-dumpxml hvagent-guest")
+    in_filter = {ipaddress.ip_address(el.attrib["dstipaddr"])
+                 for el in ET.fromstring(filter_xml).iter() if "dstipaddr" in el.attrib}
+    links = json.loads(lab_ssh(host, "ip -j addr show"))
+    host_addresses = {ipaddress.ip_address(a["local"]) for link in links for a in link.get("addr_info", [])
+                      if a.get("family") in ("inet", "inet6") and "local" in a}
+    loopback = {ipaddress.ip_address("127.0.0.0"), ipaddress.ip_address("::1")}  # the filter's range rules
+    assert in_filter - loopback == {a for a in host_addresses if not a.is_loopback}, (filter_xml, links)
+    domains = lab_ssh(host, f"{virsh} list --all --name").split()
+    assert NETCHECK_VM not in domains, domains
