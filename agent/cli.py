@@ -98,9 +98,8 @@ def mutating() -> Iterator[Host]:
 # images ------------------------------------------------------------------------------------
 def _run_rollout(host: Host, rid: int) -> None:
     ro = host.rollouts.run(rid, say)
-    if ro.state is RolloutState.HALTED:
-        raise HealthError(f"rollout {ro.id} of {ro.family_ref}.* -> {ro.target} halted: {ro.reason}")
-    say(f"rollout {ro.id} of {ro.family_ref}.* -> {ro.target}: {ro.state}")
+    _ended(ro.id, f"{ro.family_ref}.* -> {ro.target}", ro.state.value, ro.reason)
+    say(f"rollout {ro.id} of {ro.family_ref}.* -> {ro.target}: {ro.state}" + (f" ({ro.reason})" if ro.reason else ""))
 
 
 @images_app.command("publish")
@@ -181,6 +180,15 @@ def images_list(as_json: Annotated[bool, typer.Option("--json", help="machine-re
     out.print(table)
 
 
+def _ended(rid: int, what: str, state: str, reason: str | None) -> None:
+    """A rollout that halted (an image fault) or paused for a host fault is an error (exit 1)."""
+    if state == "halted":
+        raise HealthError(f"rollout {rid} of {what} halted: {reason}")
+    if state == "paused" and (reason or "").startswith("host fault"):
+        raise EnvError(f"rollout {rid} of {what} paused: {reason}",
+                       hint=f"fix the host, then: hvagent rollout resume {what.split('.*')[0]}")
+
+
 def _follow_rollout(c: Client, rid: int) -> None:
     """Show a daemon-run rollout until it ends; a halt is an error, as when run here."""
     def step(s: dict[str, Any]) -> None:
@@ -189,8 +197,7 @@ def _follow_rollout(c: Client, rid: int) -> None:
 
     say(f"rollout {rid} runs in the daemon; following it (Ctrl-C stops following, not the rollout)")
     ro = c.wait_rollout(rid, step)
-    if ro["state"] == "halted":
-        raise HealthError(f"rollout {rid} of {ro['family']}.* -> {ro['target']} halted: {ro['reason']}")
+    _ended(rid, f"{ro['family']}.* -> {ro['target']}", ro["state"], ro["reason"])
     say(f"rollout {rid} of {ro['family']}.* -> {ro['target']}: {ro['state']}")
 
 
@@ -395,20 +402,25 @@ def rollout_start(
     family: Annotated[str, typer.Argument(help="family, e.g. tiny-1")],
     max_unavailable: Annotated[str | None, typer.Option(help="VMs at once: a count (3) or a percentage (25%)")]
     = None,
+    canary: Annotated[bool | None, typer.Option("--canary/--no-canary", help="boot the version on a throwaway "
+                                                "VM before the first batch; default: the configuration's canary")]
+    = None,
+    now: Annotated[bool, typer.Option("--now", help="swap outside the VMs' maintenance windows too")] = False,
 ) -> None:
     """Move every VM on FAMILY's latest track to its newest usable version, batch by batch."""
     name, major = parse_family(family)
     if max_unavailable is not None:
         parse_max_unavailable(max_unavailable, "--max-unavailable")
     if (c := CTX.client()) is not None:
-        r = c.request("POST", "/v1/rollouts", json={"family": family, "max_unavailable": max_unavailable})
+        r = c.request("POST", "/v1/rollouts", json={"family": family, "max_unavailable": max_unavailable,
+                                                    "canary": canary, "now": now})
         if r["rollout"] is None:
             out.print(f"nothing to do: every VM on {name}-{major}.* runs its newest version")
             return
         _follow_rollout(c, int(r["rollout"]["id"]))
         return
     with mutating() as host:
-        ro = host.rollouts.start(name, major, max_unavailable)
+        ro = host.rollouts.start(name, major, max_unavailable, canary, now)
         if ro is None:
             out.print(f"nothing to do: every VM on {name}-{major}.* runs its newest version")
             return
@@ -459,11 +471,17 @@ def _rollout_view(host: Host, only_active: bool) -> tuple[list[dict[str, Any]], 
     for ro in rows:
         steps = host.state.steps(ro.id)
         data.append({"id": ro.id, "family": f"{ro.family_ref}", "target": ro.target, "state": ro.state,
+                     "canary": ro.canary,
                      "max_unavailable": ro.max_unavailable, "reason": ro.reason, "created_at": timestamp(ro.created_at),
                      "vms": [{"vm": s.vm, "batch": s.batch + 1, "from": s.from_version, "state": s.state,
                               "downtime": s.downtime, "reason": s.reason} for s in steps]})
+        # the canary's row first: a throwaway VM that boots the version before any tenant's goes down
+        head = (str(ro.id), f"{ro.family_ref}.*", ro.target, str(ro.state))
+        if ro.canary != "off":
+            table.add_row(*head, "(canary)", "0", "-", ro.canary, "", "")
+            head = ("", "", "", "")
         for i, s in enumerate(steps):
-            head = (str(ro.id), f"{ro.family_ref}.*", ro.target, str(ro.state)) if i == 0 else ("", "", "", "")
+            head = head if i == 0 else ("", "", "", "")
             table.add_row(*head, s.vm, str(s.batch + 1), s.from_version, str(s.state),
                           f"{s.downtime:.1f}s" if s.downtime else "", s.reason or (ro.reason if i == 0 else "") or "")
     return data, table

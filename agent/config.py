@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.errors import InputError
 from agent.spec import check_name
+from agent.window import Maintenance
 
 DEFAULT_CONFIG = Path("/etc/hvagent/config.yaml")
 GiB = 1 << 30
@@ -147,6 +148,10 @@ class Config(BaseModel):
         "auto", description="auto: publishing a family's newest version swaps its latest-track VMs")
     max_unavailable: str = Field("1", pattern=r"^(?:[1-9][0-9]{0,5}|(?:100|[1-9][0-9]?)%)$",
                                  description="VMs swapped at once in a rollout: a count or a percentage")
+    maintenance: Maintenance | None = Field(None, description="when latest-track swaps may take VMs down "
+                                            "(a VM's own window wins): {window: \"Sat 02:00-04:00\", tz: UTC}")
+    canary: bool = Field(True, description="boot a rollout's version once on a throwaway VM before the first "
+                         "batch; a failure there marks it bad and no tenant VM goes down")
     keep_images: int = Field(2, ge=1, description="newest versions of each family kept by garbage collection")
     ssh_key: Path | None = Field(None, description="hvagent's own SSH key; default STATE_DIR/id_ed25519")
     api: Api = Api()

@@ -13,6 +13,9 @@ takes, so daemon and CLI never act on one host at once:
 
 systemd: READY=1 once the API listens, WATCHDOG=1 while the engine is alive, STOPPING=1 on
 SIGTERM, after which the engine finishes its current step (a batch is journaled) and exits 0.
+Start-up recovery that awaits no guest runs before READY=1; an interrupted swap's (a rollback
+awaits its guest's health, which may take longer than systemd waits for a start) runs after it,
+on the rollouts thread, before that thread's first batch.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class Daemon:
         self.stop = threading.Event()
         self.wake = threading.Event()  # the engine's next pass now
         self.rollout_wake = threading.Event()  # the rollout thread's next batch now
+        self.recovered = threading.Event()  # start-up recovery of swaps and rollouts is done
         self._local = threading.local()
         self._hosts: list[Host] = []
         self._hosts_lock = threading.Lock()
@@ -150,7 +154,7 @@ class Daemon:
         tls = server_context(self.cfg.api.tls) if self.cfg.api.tls is not None else None  # bad files: fail now
         host = self.host()
         with host.lock:
-            host.recover()
+            host.recover_quick()  # the rest (swaps, which may await a guest) after READY=1: _rollouts
         self.cfg.inbox.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._write_local_token()
         self.watch = LifecycleWatch(self.cfg.libvirt_uri, self._on_lifecycle)
@@ -269,7 +273,7 @@ class Daemon:
             self.watch.ensure()
         self._lifecycle_events(host)
         with host.lock:
-            if host.state.orphaned():
+            if self.recovered.is_set() and host.state.orphaned():
                 # Every operation clears its journal entry, or parks it while it awaits health, before
                 # it lets go of the lock; another entry was cut short (libvirtd went away mid-swap,
                 # say): finish or undo it now.
@@ -282,10 +286,12 @@ class Daemon:
         """Rollout batches and retirement moves, one batch per hold of the host lock (which each
         swap lets go of while it awaits its guests' health)."""
         host = self.host()
+        self._recover_rollouts(host)
         while not self.stop.is_set():
             try:
                 with host.lock:
                     host.rollouts.enforce_retirements(_say)
+                    host.rollouts.catch_up()  # VMs a rollout skipped while stopped, running again
                 busy = False
                 for ro in host.state.rollouts(active_only=True):
                     if ro.state is RolloutState.RUNNING and not self.stop.is_set():
@@ -301,6 +307,22 @@ class Daemon:
             if not busy:
                 self.rollout_wake.wait(self.cfg.reconcile_interval)
                 self.rollout_wake.clear()
+
+    def _recover_rollouts(self, host: Host) -> None:
+        """Start-up recovery of interrupted swaps, canaries and rollouts, tried until it succeeds. Until
+        then the engine leaves the journal to it (the reconcile loop leaves VMs with an open entry
+        alone) and no batch starts."""
+        while not self.stop.is_set():
+            try:
+                with host.lock:
+                    host.recover_rollouts()  # lets go of the lock while a rollback awaits its guest
+                break
+            except HvError as e:
+                log.warning(logfmt({"msg": f"start-up recovery: {e}; trying again"}))
+            except Exception:
+                log.exception("start-up recovery failed; trying again")
+            self.stop.wait(self.cfg.reconcile_interval)
+        self.recovered.set()
 
     def _lifecycle_events(self, host: Host) -> None:
         while True:

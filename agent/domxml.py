@@ -31,10 +31,13 @@ USERNET_ID = "hvnet0"
 USERNET_ADDR = "0x10"
 # The nwfilter every interface on a libvirt network or bridge references (GuestFilter).
 GUEST_FILTER = "hvagent-guest"
+# The virtio-serial port name the QEMU guest agent (qemu-ga) opens in the guest.
+GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _TARGET_RE = re.compile(r"^vd[a-z]{1,2}$")
 _FORMATS = frozenset({"qcow2", "raw"})
+_RNG_SOURCES = frozenset({"/dev/urandom", "/dev/random", "/dev/hwrng"})  # what libvirt's random backend takes
 _HOSTFWD_RE = re.compile(r"^tcp:127\.0\.0\.1:(\d+)-:(\d+)$")
 
 
@@ -256,6 +259,51 @@ class NetworkNic:
         )
 
 
+@dataclass(frozen=True)
+class GuestAgentChannel:
+    """The QEMU guest agent's virtio-serial port. libvirt picks the host side's socket (and adds
+    the virtio-serial controller); in a running domain's live XML its target carries
+    ``state='connected'`` while a program in the guest (qemu-ga) has the port open."""
+
+    def element(self) -> ET.Element:
+        channel = ET.Element("channel", {"type": "unix"})
+        _sub(channel, "target", type="virtio", name=GUEST_AGENT_PORT)
+        return channel
+
+    @staticmethod
+    def find(devices: ET.Element) -> ET.Element | None:
+        """The agent's ``<channel>`` among ``devices``, or None."""
+        for channel in devices.findall("channel"):
+            target = channel.find("target")
+            if target is not None and target.get("type") == "virtio" and target.get("name") == GUEST_AGENT_PORT:
+                return channel
+        return None
+
+
+@dataclass(frozen=True)
+class Rng:
+    """A virtio-rng device fed by the host's ``source``, so guests have entropy from their first
+    second (host keys, TLS) instead of waiting for it under emulation."""
+
+    source: Path = Path("/dev/urandom")
+
+    def __post_init__(self) -> None:
+        if str(self.source) not in _RNG_SOURCES:
+            raise InputError(f"rng: {self.source} (accepted: {', '.join(sorted(_RNG_SOURCES))})")
+
+    def element(self) -> ET.Element:
+        rng = ET.Element("rng", {"model": "virtio"})
+        _sub(rng, "backend", str(self.source), model="random")
+        return rng
+
+    @classmethod
+    def parse(cls, el: ET.Element) -> Self:
+        backend = _find(el, "backend", "rng/backend")
+        if el.get("model") != "virtio" or backend.get("model") != "random":
+            raise InputError("domain XML: <rng> is not a virtio device with a random backend")
+        return cls(source=Path((backend.text or "").strip()))
+
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # nwfilter's protocol elements per address family: (tcp, udp, icmp, any).
 _PROTOCOLS = {4: ("tcp", "udp", None, "all"), 6: ("tcp-ipv6", "udp-ipv6", "icmpv6", "all-ipv6")}
@@ -363,6 +411,8 @@ class Domain:
     console_log: Path
     nvram: Path | None = None
     metadata: Metadata
+    guest_agent: GuestAgentChannel | None = GuestAgentChannel()
+    rng: Rng | None = Rng()
 
     def __post_init__(self) -> None:
         try:
@@ -430,8 +480,10 @@ class Domain:
         _sub(serial, "target", port="0")
         console = _sub(devices, "console", type="pty")
         _sub(console, "target", type="serial", port="0")
-        rng = _sub(devices, "rng", model="virtio")
-        _sub(rng, "backend", "/dev/urandom", model="random")
+        if self.guest_agent is not None:
+            devices.append(self.guest_agent.element())
+        if self.rng is not None:
+            devices.append(self.rng.element())
         _sub(devices, "memballoon", model="none")
         return devices
 
@@ -451,6 +503,8 @@ class Domain:
             nic = NetworkNic.parse(iface)
         for cmdline in root.findall(_qemu("commandline")):
             nic = UserNet.parse(cmdline) or nic
+        devices = _find(root, "devices", "devices")
+        rng = devices.find("rng")
         return cls(
             name=_text(root, "name", "name"),
             uuid=_text(root, "uuid", "uuid"),
@@ -464,6 +518,8 @@ class Domain:
             console_log=Path(_attr(_find(root, "devices/serial/log", "serial/log"), "file", "serial/log")),
             nvram=Path(nvram.text.strip()) if nvram is not None and nvram.text and nvram.text.strip() else None,
             metadata=Metadata.parse(vm),
+            guest_agent=GuestAgentChannel() if GuestAgentChannel.find(devices) is not None else None,
+            rng=Rng.parse(rng) if rng is not None else None,
         )
 
 
@@ -495,6 +551,16 @@ def _parse_tree(xml: str) -> ET.Element:
 def from_xml(xml: str) -> Domain:
     """Parse what :func:`to_xml` wrote (also libvirt's own rendering of it)."""
     return Domain.parse(_parse_tree(xml))
+
+
+def guest_agent_connected(xml: str) -> bool:
+    """Whether a running domain's guest agent is there to ask, from its live XML: the domain has
+    the agent's channel and the guest has its port open (libvirt follows QEMU's VSERPORT_CHANGE
+    events). False for a domain without the channel or a guest that runs no agent."""
+    devices = _parse_tree(xml).find("devices")
+    channel = GuestAgentChannel.find(devices) if devices is not None else None
+    target = channel.find("target") if channel is not None else None
+    return target is not None and target.get("state") == "connected"
 
 
 def read_metadata(xml: str) -> Metadata | None:

@@ -1,14 +1,18 @@
-"""Named fault points: where a test may kill hvagent with SIGKILL mid-operation.
+"""Named fault points: where a test may kill hvagent with SIGKILL, or make it fail, mid-operation.
 
 Test-only: nothing happens unless the environment names a point in ``HVAGENT_FAULT_POINT``.
 Every multi-step operation calls ``point(name)`` between its steps; the crash tests kill at each
-point, start hvagent again and check that it converges (RELIABILITY.md).
+point, start hvagent again and check that it converges (RELIABILITY.md). ``NAME:error`` raises
+an ``EnvError`` at that point instead, as a libvirt call that fails there would, so a test sees
+how the operation fails while the process lives on.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+
+from agent.errors import EnvError
 
 ENV = "HVAGENT_FAULT_POINT"
 
@@ -26,14 +30,23 @@ POINTS: tuple[str, ...] = (
     "swap.journaled", "swap.prepared", "swap.shutoff", "swap.defined", "swap.started", "swap.parked",
     "swap.committed",
     "rollback.marked", "rollback.defined",
+    # a rollout's canary boot
+    "canary.started",
     # retirement and garbage collection
     "retire.recorded", "gc.journaled", "gc.row-deleted",
+    # a tenant's stop: journaled and marked stopping, the host lock let go, the guest not yet asked
+    "stop.journaled",
 )
 
 
 def point(name: str) -> None:
-    """Die here, at once and without cleanup, if the test-only setting names this point."""
+    """Die here, at once and without cleanup, if the test-only setting names this point (or, with
+    ``:error``, raise the error a failing libvirt call would)."""
     if name not in POINTS:
         raise ValueError(f"unknown fault point {name!r}")
-    if os.environ.get(ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    wanted, _, action = os.environ.get(ENV, "").partition(":")
+    if wanted != name:
+        return
+    if action == "error":
+        raise EnvError(f"fault point {name}: injected failure (test-only {ENV})")
+    os.kill(os.getpid(), signal.SIGKILL)

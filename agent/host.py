@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.canary import Canary
 from agent.catalog import Catalog
 from agent.config import Accel, Config
 from agent.domxml import DomainType
@@ -42,7 +43,8 @@ class Host:
         self.provisioner = Provisioner(cfg, self.state, self.catalog, self.virt, self.accelerator)
         self.swapper = Swapper(cfg, self.state, self.catalog, self.virt, self.provisioner, self.accelerator,
                                self.lock)
-        self.rollouts = Rollouts(cfg, self.state, self.catalog, self.swapper)
+        self.canary = Canary(cfg, self.state, self.catalog, self.virt, self.provisioner, self.accelerator, self.lock)
+        self.rollouts = Rollouts(cfg, self.state, self.catalog, self.swapper, self.canary)
         self._accel: DomainType | None = None
 
     def apply(self, spec: Spec, source: str, say: Callable[[str, str], None] = lambda _n, _m: None,
@@ -70,9 +72,21 @@ class Host:
 
     def recover(self) -> None:
         """Finish or undo what a crashed process left in the journal (never another live one's work)."""
+        self.recover_quick()
+        self.recover_rollouts()
+
+    def recover_quick(self) -> None:
+        """The part of ``recover`` that awaits no guest: publishes, collections, provisions, destroys,
+        purges and stops."""
         self.catalog.recover()
         self.provisioner.recover()
+
+    def recover_rollouts(self) -> None:
+        """The part that may await guests: interrupted swaps are committed or rolled back (a rollback
+        awaits its guest's health, up to ``health_timeout``, without the host lock), canaries removed,
+        then the rollouts' steps settled. The daemon runs it after READY=1, on its rollouts thread."""
         self.swapper.recover()
+        self.canary.recover()
         self.rollouts.recover()
 
     def accelerator(self) -> DomainType:

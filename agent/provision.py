@@ -21,15 +21,15 @@ from agent import proc
 from agent.catalog import Catalog
 from agent.config import Config
 from agent.domxml import Disk, Domain, DomainType, Firmware, Metadata, NetworkNic, UserNet
-from agent.errors import Conflict, EnvError, HealthError, InputError, NotFound
+from agent.errors import Conflict, EnvError, HealthError, HvError, InputError, NotFound
 from agent.faults import point as fault
 from agent.health import Endpoint, wait_healthy
 from agent.hostnet import require_bridge_filtering
 from agent.manifest import Manifest
 from agent.seed import KeyPair, load_or_create_keypair, meta_data, new_ed25519, user_data, write_keypair, write_seed
 from agent.spec import NetMode, VmSpec
-from agent.state import DiskRow, ImageRow, State, VmRow, VmState
-from agent.virt import Virt
+from agent.state import DiskRow, HostLock, ImageRow, Intent, State, VmRow, VmState
+from agent.virt import DomState, Virt
 
 Say = Callable[[str], None]
 
@@ -97,7 +97,7 @@ class Provisioner:
         self.check_capacity([spec])
         accel = self._accel()
         paths = VmPaths.of(self.cfg, spec.name)
-        port = self._free_port() if spec.network.mode is NetMode.USER else None
+        port = self.free_port() if spec.network.mode is NetMode.USER else None
         if spec.network.mode is NetMode.NETWORK:
             require_bridge_filtering()
         vm_uuid = str(uuid.uuid4())
@@ -106,7 +106,7 @@ class Provisioner:
         disk = kept or (DiskRow(spec.owner, spec.name, spec.data_disk, str(self.data_disk_path(spec.owner, spec.name)),
                                 vm_uuid, now) if spec.data_disk else None)
         row = VmRow(spec.name, spec.owner, spec.image, image.name, image.version, VmState.PROVISIONING, None,
-                    vm_uuid, self._new_mac(), port, f"{spec.name}-{secrets.token_hex(4)}",
+                    vm_uuid, self.new_mac(), port, f"{spec.name}-{secrets.token_hex(4)}",
                     spec.model_dump(mode="json"), spec.digest(), now, now)
         disk_intent = None if disk is None else {"owner": disk.owner, "name": disk.name, "path": disk.path,
                                                  "new": kept is None}
@@ -307,6 +307,76 @@ class Provisioner:
                          vm=name, uuid=row.uuid, owner=row.owner)
         self.state.done(intent)
 
+    # stop ----------------------------------------------------------------------------------
+    def stop(self, name: str, by: str, lock: HostLock) -> VmRow:
+        """ACPI shutdown, forced off after ``shutdown_timeout``: the VM is ``stopped`` once its domain
+        is off, not before. Call with the host lock held; it is let go of while the guest shuts down.
+
+        Journaled and marked ``stopping`` first. A shutdown that fails leaves the VM in the state it
+        had (``running``) with the reason and a ``vm.stop-failed`` event, and the error is raised,
+        unless the domain is off all the same; ``recover`` settles a stop a crash cut short alike.
+        """
+        row = self.row(name)
+        if row.state not in (VmState.RUNNING, VmState.STOPPED, VmState.FAILED):
+            raise Conflict(f"vm {name}: is {row.state}; try again when it is running")
+        intent = self.state.begin("stop", name, {"by": by, "state": row.state.value})
+        self.state.update_vm(name, state=VmState.STOPPING, reason=f"stopping: requested by {by}")
+        self.state.event("vm.stopping", f"requested by {by}", vm=name)
+        error: Exception | None = None
+        clean = False
+        self.state.park([intent])  # this process's: the reconcile loop and other processes keep off it
+        try:
+            with lock.released():  # a guest ignoring ACPI holds nobody else up
+                fault("stop.journaled")
+                clean = self.virt.shutdown(name, self.cfg.shutdown_timeout)
+        except Exception as e:  # whatever it was, the state must say what the domain does
+            error = e
+        finally:
+            self.state.park([intent], parked=False)
+        now = self.state.vm(name)
+        if now is None or now.state is not VmState.STOPPING:  # another operation took it meanwhile
+            self.state.done(intent)
+            if error is not None:
+                raise error
+            return self.row(name)
+        if error is None:
+            self._stopped(name, by, "shut down" if clean else "forced off after the shutdown timeout")
+        elif self._off(name):
+            self._stopped(name, by, f"off, though its stop reported: {_why(error)}")
+            error = None
+        else:
+            self._stop_failed(name, row.state, f"stop failed: {_why(error)}")
+        self.state.done(intent)
+        if error is not None:
+            raise error
+        return self.row(name)
+
+    def _off(self, name: str) -> bool:
+        """Whether the domain is known to be off (shut off or gone); False when libvirt cannot say."""
+        try:
+            return self.virt.state(name) in (DomState.SHUTOFF, DomState.MISSING)
+        except HvError:
+            return False
+
+    def _stopped(self, name: str, by: str, how: str) -> None:
+        self.state.update_vm(name, state=VmState.STOPPED, reason=f"stopped by {by}")
+        self.state.event("vm.stopped", how, vm=name)
+
+    def _stop_failed(self, name: str, was: VmState, reason: str) -> None:
+        """Back to the state it had (its domain still runs, or may); the reconcile loop takes it again."""
+        self.state.update_vm(name, state=was, reason=reason)
+        self.state.event("vm.stop-failed", f"{reason}; still {was}", vm=name)
+
+    def _recover_stop(self, it: Intent) -> None:
+        row = self.state.vm(it.target)
+        if row is None or row.state is not VmState.STOPPING:
+            return
+        if self.virt.state(it.target) in (DomState.SHUTOFF, DomState.MISSING):  # libvirt down: retried later
+            self._stopped(it.target, it.intent["by"], "off; hvagent restarted before it recorded the stop")
+        else:
+            self._stop_failed(it.target, VmState(it.intent["state"]),
+                              "stop interrupted: hvagent restarted before the guest was off; ask again")
+
     def purge_disk(self, owner: str, name: str) -> DiskRow:
         """Delete a kept data disk (journaled); one attached to a VM is refused."""
         disk = self.state.disk(owner, name)
@@ -326,7 +396,7 @@ class Provisioner:
         return disk
 
     def recover(self) -> None:
-        """Undo provisions and finish destroys and disk purges that a crash interrupted."""
+        """Undo provisions, finish destroys and disk purges, settle stops that a crash interrupted."""
         for it in self.state.orphaned():
             if it.op == "provision":
                 self._undo_create(it.target, VmPaths(Path(it.intent["root"])), it.intent.get("disk"))
@@ -336,6 +406,8 @@ class Provisioner:
                     self.state.done(it.id)
                     self.destroy(it.target, bool(it.intent["purge"]))
                     continue
+            elif it.op == "stop":
+                self._recover_stop(it)
             elif it.op == "purge-disk":
                 disk = self.state.disk(it.intent["owner"], it.intent["name"])
                 if disk is None or disk.vm_uuid is None:
@@ -376,14 +448,14 @@ class Provisioner:
             raise NotFound(f"vm {row.name}: its image {row.image}-{row.version} is not in the catalog")
         return image
 
-    def _new_mac(self) -> str:
+    def new_mac(self) -> str:
         taken = {v.mac for v in self.state.vms()}
         while True:
             mac = "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
             if mac not in taken:
                 return mac
 
-    def _free_port(self) -> int:
+    def free_port(self) -> int:
         used = self.state.used_ports()
         for port in range(self.cfg.port_min, self.cfg.port_max + 1):
             if port in used:
@@ -396,6 +468,10 @@ class Provisioner:
             return port
         raise EnvError(f"no free port in {self.cfg.port_min}-{self.cfg.port_max} on 127.0.0.1",
                        hint="widen port_min/port_max in the configuration")
+
+
+def _why(error: Exception) -> str:
+    return error.message if isinstance(error, HvError) else f"internal error ({error.__class__.__name__})"
 
 
 def make_overlay(base: Path, overlay: Path) -> None:

@@ -2,13 +2,29 @@
 
 A rollout is the swaps one newly published version causes: every VM on that family's latest
 track moves to it, in batches (update domains) of at most ``max_unavailable`` VMs, each batch
-only after the previous one is healthy, halting at the first failure. Its plan and progress
-live in the database, so ``rollout pause``/``abort`` from another process take effect between
-batches, and ``rollout status`` can watch it.
+only after the previous one is healthy. Its plan and progress live in the database, so
+``rollout pause``/``abort`` from another process take effect between batches, and ``rollout
+status`` can watch it.
+
+Before the first batch the new version boots once on a throwaway VM (``agent.canary``) unless
+the configuration's ``canary`` is false or the operator said ``--no-canary``: a version that
+fails there is marked bad and no tenant's VM goes down for it. A failure is the image's fault
+(its guests do not become healthy: the version is marked bad and the rollout halts) or the
+host's (an overlay, a seed or a domain that cannot be made or started: the rollout pauses with
+the reason, the version stays active, the VM's step is tried again on ``rollout resume``).
+
+A latest-track VM goes down only inside its maintenance window (``agent.window``: its spec's,
+else the host's); outside it the rollout's step waits, saying when the window opens, unless the
+operator started it with ``--now``. Retirement moves wait for the window too.
+
+A VM its tenant stopped is never started by a rollout: its step is skipped. Once it runs again,
+``catch_up`` (each reconcile pass of the daemon) starts a rollout for the latest-track VMs that
+are behind their family's newest active version, so it is swapped then, health-gated as any.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -16,17 +32,33 @@ from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 
+from agent.canary import Canary, Fault
 from agent.catalog import Catalog
 from agent.config import Config
-from agent.errors import Conflict, InputError, NotFound
+from agent.errors import Conflict, HvError, InputError, NotFound
 from agent.faults import point as fault
 from agent.provision import VmPaths
-from agent.state import ImageRow, ImageState, Retirement, RolloutRow, RolloutState, State, StepState, VmRow
+from agent.spec import VmSpec
+from agent.state import (
+    ImageRow,
+    ImageState,
+    Retirement,
+    RolloutRow,
+    RolloutState,
+    State,
+    StepState,
+    VmRow,
+    VmState,
+)
 from agent.swap import Swapper
 from agent.version import Track, Version
+from agent.window import Window
 
 Say = Callable[[str], None]
+log = logging.getLogger(__name__)
 
+STOPPED_SKIP = "stopped by its tenant; swapped once it runs again"
+WAITING = "waiting for maintenance windows: "
 _MAX_UNAVAILABLE_RE = re.compile(r"^(?:(?P<count>[1-9][0-9]{0,5})|(?P<pct>[1-9][0-9]{0,2})%)$")
 _DURATION_RE = re.compile(r"^(?P<n>0|[1-9][0-9]{0,6})(?P<unit>[smhd]?)$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -75,12 +107,13 @@ def parse_family(text: str) -> tuple[str, int]:
 
 
 class Rollouts:
-    def __init__(self, cfg: Config, state: State, catalog: Catalog, swapper: Swapper,
+    def __init__(self, cfg: Config, state: State, catalog: Catalog, swapper: Swapper, canary: Canary,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.state = state
         self.catalog = catalog
         self.swapper = swapper
+        self.canary = canary
         self.clock = clock
 
     # -- planning ----------------------------------------------------------------------------
@@ -99,8 +132,11 @@ class Rollouts:
                 return r
         return None
 
-    def start(self, name: str, family: int, max_unavailable: str | None = None) -> RolloutRow | None:
-        """Plan a rollout of the family's newest usable version; None when no VM needs it."""
+    def start(self, name: str, family: int, max_unavailable: str | None = None,
+              canary: bool | None = None, now: bool = False) -> RolloutRow | None:
+        """Plan a rollout of the family's newest usable version; None when no VM needs it.
+        ``canary``: boot the version on a throwaway VM first (default: the configuration's);
+        ``now``: swap outside the VMs' maintenance windows too (an operator's override)."""
         self._family_exists(name, family)
         mu = parse_max_unavailable(max_unavailable or self.cfg.max_unavailable)
         if self.active(name, family) is not None:
@@ -111,14 +147,36 @@ class Rollouts:
         if not vms:
             self.state.event("rollout.nothing", f"every VM on {name}-{family}.* already runs {target.version}")
             return None
+        with_canary = self.cfg.canary if canary is None else canary
+        if with_canary:
+            self._room_for_canary(vms)
         size = batch_size(mu, len(vms))
         steps = [(v.name, i // size, v.version) for i, v in enumerate(vms)]
-        rid = self.state.add_rollout(name, family, target.version, mu, steps)
+        rid = self.state.add_rollout(name, family, target.version, mu, steps, "pending" if with_canary else "off",
+                                     ignore_windows=now)
         self.state.event("rollout.start", f"{name}-{family}.* -> {target.version}: {len(vms)} VM(s) in "
-                         f"{math.ceil(len(vms) / size)} batch(es) of at most {size}")
+                         f"{math.ceil(len(vms) / size)} batch(es) of at most {size}"
+                         + (", after a canary boot" if with_canary else ", without a canary"))
         row = self.state.rollout(rid)
         assert row is not None
         return row
+
+    def _canary_size(self, vms: list[VmRow]) -> tuple[int, int, float]:
+        """The canary's vCPUs, memory and health timeout: the largest of the VMs it stands for."""
+        specs = [VmSpec.model_validate(v.spec) for v in vms]
+        return (max(s.cpus for s in specs), max(s.memory for s in specs),
+                max(self.swapper.prov.health_timeout(s) for s in specs))
+
+    def _room_for_canary(self, vms: list[VmRow]) -> None:
+        cpus, memory, _ = self._canary_size(vms)
+        probe = VmSpec.model_validate({"name": "canary", "owner": "hvagent", "image": vms[0].track, "cpus": cpus,
+                                       "memory": memory, "ssh_keys": [self.swapper.prov.agent_key.public]})
+        try:
+            self.swapper.prov.check_capacity([probe])
+        except Conflict as e:
+            raise Conflict(f"canary: no room on this host for one more guest ({e.message.removeprefix('vms: ')})",
+                           hint="free room, or run this rollout without the canary: hvagent rollout start "
+                                "--no-canary") from e
 
     def on_publish(self, image: ImageRow, policy: Policy | None = None) -> RolloutRow | None:
         """The publish trigger: a new newest version starts a rollout (policy auto)."""
@@ -166,33 +224,146 @@ class Rollouts:
         if target is None or target.state is not ImageState.ACTIVE:
             self.state.set_rollout(rid, RolloutState.HALTED, f"{ro.name}-{ro.target} is no longer active")
             return True
+        if ro.canary == "pending":
+            self._run_canary(ro, target, [s.vm for s in pending], say)
+            return True
+        if ro.canary == "running":  # another process boots it (a crash's is cleared by recover)
+            say(f"rollout {rid}: its canary is booting")
+            return False
         names = []
+        waiting: list[tuple[str, float, Window]] = []
         for s in (s for s in pending if s.batch == batch):
             vm = self.state.vm(s.vm)
             if vm is None or vm.track != str(Track(ro.name, ro.family, None)) or \
                     Version.parse(vm.version) >= Version.parse(ro.target):
                 self.state.set_step(rid, s.vm, StepState.SKIPPED, reason="no longer on the track or newer")
                 continue
+            if vm.state is VmState.STOPPED:  # its tenant's intent: a rollout never starts it
+                self.state.set_step(rid, s.vm, StepState.SKIPPED, reason=STOPPED_SKIP)
+                self.state.event("swap.skipped", f"stopped: not started for {ro.name}-{ro.target}", vm=s.vm)
+                continue
+            window = None if ro.ignore_windows else self.window_of(vm)
+            if window is not None and not window.is_open(self.clock()):
+                waiting.append((s.vm, window.next_open(self.clock()), window))
+                continue
             self.state.set_step(rid, s.vm, StepState.SWAPPING, started_at=self.clock())
             names.append(s.vm)
+        if waiting and not names:
+            self._wait_for_windows(ro, waiting, say)
+            return False
+        if ro.reason and ro.reason.startswith(WAITING):
+            self.state.set_rollout_reason(rid, None)
         if not names:
             return True
         t0 = self.clock()
         say(f"rollout {rid}, batch {batch + 1}: {', '.join(names)} -> {ro.target}")
         outcomes = self.swapper.swap_batch(names, target, say)
-        failed = [o for o in outcomes if not o.ok]
+        image_faults = [o for o in outcomes if not o.ok and o.fault is Fault.IMAGE]
+        host_faults = [o for o in outcomes if not o.ok and o.fault is Fault.HOST]
         for o in outcomes:
-            self.state.set_step(rid, o.vm, StepState.DONE if o.ok else StepState.ROLLED_BACK,
-                                reason=o.reason or None, finished_at=self.clock(), downtime=o.downtime)
+            step = StepState.DONE if o.ok else StepState.PENDING if o.fault is Fault.HOST else StepState.ROLLED_BACK
+            self.state.set_step(rid, o.vm, step, reason=o.reason or None, finished_at=self.clock(),
+                                downtime=o.downtime)
             say(f"{o.vm}: " + (f"on {o.to_version}, downtime {o.downtime:.1f}s" if o.ok
                                else f"rolled back to {o.from_version}: {o.reason}"))
-        self.state.event("rollout.batch", f"rollout {rid} batch {batch + 1}: {len(outcomes) - len(failed)} "
-                         f"swapped, {len(failed)} rolled back", duration=self.clock() - t0)
-        if failed:
-            reason = f"{failed[0].vm}: {failed[0].reason}"
+        failed = len(image_faults) + len(host_faults)
+        self.state.event("rollout.batch", f"rollout {rid} batch {batch + 1}: {len(outcomes) - failed} "
+                         f"swapped, {failed} rolled back", duration=self.clock() - t0)
+        if image_faults:
+            reason = f"{image_faults[0].vm}: {image_faults[0].reason}"
             self.state.set_rollout(rid, RolloutState.HALTED, reason)
             self.state.event("rollout.halted", f"{ro.family_ref}.* -> {ro.target} halted: {reason}")
+        elif host_faults:
+            reason = f"host fault on {host_faults[0].vm}: {host_faults[0].reason}"
+            self.state.set_rollout(rid, RolloutState.PAUSED, reason)
+            self.state.event("rollout.paused", f"{ro.family_ref}.* -> {ro.target} paused: {reason}; "
+                             f"{ro.name}-{ro.target} stays active (hvagent rollout resume once the host is fixed)")
         return True
+
+    def window_of(self, vm: VmRow) -> Window | None:
+        """The VM's maintenance window: its spec's, else the host's, else none (any time)."""
+        maintenance = VmSpec.model_validate(vm.spec).maintenance or self.cfg.maintenance
+        return None if maintenance is None else maintenance.parsed()
+
+    def _wait_for_windows(self, ro: RolloutRow, waiting: list[tuple[str, float, Window]], say: Say) -> None:
+        """Say (once per change) which VMs of the batch wait for their window, and when it opens."""
+        when = {vm: f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(opens))} ({window})"
+                for vm, opens, window in waiting}
+        reason = WAITING + ", ".join(f"{vm} opens {w}" for vm, w in when.items())
+        if reason == ro.reason:
+            return
+        self.state.set_rollout_reason(ro.id, reason)
+        for vm, w in when.items():
+            self.state.set_step(ro.id, vm, StepState.PENDING, reason=f"waiting for its maintenance window: opens {w}")
+        self.state.event("rollout.waiting", f"rollout {ro.id}: {reason}")
+        say(f"rollout {ro.id}: {reason} (hvagent rollout start --now overrides)")
+
+    def _run_canary(self, ro: RolloutRow, target: ImageRow, pending: list[str], say: Say) -> None:
+        vms = [v for v in (self.state.vm(n) for n in pending) if v is not None]
+        if not vms:
+            self.state.set_canary(ro.id, "off")
+            return
+        cpus, memory, timeout = self._canary_size(vms)
+        self.state.set_canary(ro.id, "running")
+        verdict = self.canary.boot(target, cpus, memory, timeout, say)
+        if verdict.reason is None:
+            self.state.set_canary(ro.id, "passed")
+            self.state.event("rollout.canary", f"{target.ref} booted on a throwaway VM and passed its health in "
+                             f"{verdict.seconds:.1f}s", duration=verdict.seconds)
+            say(f"rollout {ro.id}: canary passed ({verdict.seconds:.1f}s)")
+            return
+        self.state.set_canary(ro.id, "failed")
+        self.state.event("rollout.canary-failed", verdict.reason, duration=verdict.seconds)
+        say(f"rollout {ro.id}: {verdict.reason}")
+        if verdict.fault is Fault.IMAGE:
+            self.state.set_image_state(target.name, target.version, ImageState.BAD)
+            self.state.event("image.bad", f"{target.ref} failed its canary boot: {verdict.reason}")
+            self.state.set_rollout(ro.id, RolloutState.HALTED, verdict.reason)
+            self.state.event("rollout.halted", f"{ro.family_ref}.* -> {ro.target} halted before any VM went down: "
+                             f"{verdict.reason}")
+        else:
+            self.state.set_canary(ro.id, "pending")  # booted again on resume
+            self.state.set_rollout(ro.id, RolloutState.PAUSED, f"host fault: {verdict.reason}")
+            self.state.event("rollout.paused", f"{ro.family_ref}.* -> {ro.target} paused: host fault: "
+                             f"{verdict.reason}; {target.ref} stays active")
+
+    def catch_up(self) -> list[RolloutRow]:
+        """Rollouts for VMs a rollout skipped because their tenant had them stopped, once they run
+        again behind their family's newest active version, if no rollout of the family is under
+        way and none to that version halted or was aborted since (the image or the operator
+        decided). Policy auto only; call with the host lock held."""
+        if self.cfg.rollout_policy != "auto":
+            return []
+        waiting: set[tuple[str, int]] = set()
+        for ro in self.state.rollouts():
+            if not ro.state.finished or (ro.name, ro.family) in waiting:
+                continue
+            try:
+                newest = Version.parse(self.catalog.resolve(Track(ro.name, ro.family, None)).version)
+            except HvError:  # no usable version left in the family
+                continue
+            for s in self.state.steps(ro.id):
+                vm = self.state.vm(s.vm) if s.state is StepState.SKIPPED and s.reason == STOPPED_SKIP else None
+                if vm is not None and vm.state is VmState.RUNNING and vm.track == str(Track(ro.name, ro.family, None)) \
+                        and Version.parse(vm.version) < newest:
+                    waiting.add((ro.name, ro.family))
+        started: list[RolloutRow] = []
+        for name, family in sorted(waiting):
+            if self.active(name, family) is not None:
+                continue
+            target = self.catalog.resolve(Track(name, family, None))
+            if any((r.name, r.family, r.target) == (name, family, target.version)
+                   and r.state in (RolloutState.HALTED, RolloutState.ABORTED) for r in self.state.rollouts()):
+                continue
+            try:
+                planned = self.start(name, family)
+            except Conflict as e:  # no room for its canary: tried again on the next pass
+                log.warning("catch-up rollout of %s-%d: %s", name, family, e)
+                continue
+            if planned is not None:
+                self.state.event("rollout.catch-up", f"rollout {planned.id}: VMs skipped while stopped run again")
+                started.append(planned)
+        return started
 
     def recover(self) -> None:
         """Steps a crash left ``swapping``: done if the VM reached the target, else pending again.
@@ -293,6 +464,11 @@ class Rollouts:
                 target = self.catalog.resolve(Track(image.name, image.family, None))
                 if target.version == vm.version:
                     continue
+                window = self.window_of(vm)
+                if window is not None and not window.is_open(self.clock()):
+                    continue  # moved once its maintenance window opens
+                if vm.state is VmState.STOPPED:
+                    continue  # its tenant's intent: a retirement move never starts it
                 say(f"{vm.name}: {image.ref} retired, moving to {target.ref}")
                 [outcome] = self.swapper.swap_batch([vm.name], target, say)
                 if outcome.ok:

@@ -25,6 +25,7 @@ from pydantic import (
 
 from agent.errors import InputError
 from agent.version import Track
+from agent.window import Maintenance
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _KEY_RE = re.compile(
@@ -105,6 +106,8 @@ class VmSpec(BaseModel):
     network: Network = Network()
     health: Health = Health()
     restart: Restart = Restart.ALWAYS
+    maintenance: Maintenance | None = Field(None, description="when a latest-track swap may take it down; "
+                                            "default: the host's window, else any time")
 
     @field_validator("name")
     @classmethod
@@ -137,7 +140,9 @@ class VmSpec(BaseModel):
         return Track.parse(self.image)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        # without maintenance when it has none: specs from before windows keep their digest
+        dump = self.model_dump(mode="json", exclude={"maintenance"} if self.maintenance is None else None)
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
 
 
 class Spec(BaseModel):

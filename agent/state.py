@@ -81,6 +81,10 @@ MIGRATIONS = (
     CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
     ALTER TABLE journal ADD COLUMN holder TEXT;
     ALTER TABLE journal ADD COLUMN parked INTEGER NOT NULL DEFAULT 0;""",
+    # 2: a rollout's canary boot (Canary): pending, running, passed, failed, or off (rollouts
+    # planned before there were canaries count as off); whether it ignores maintenance windows.
+    """ALTER TABLE rollouts ADD COLUMN canary TEXT NOT NULL DEFAULT 'off';
+    ALTER TABLE rollouts ADD COLUMN ignore_windows INTEGER NOT NULL DEFAULT 0;""",
 )
 
 # Events counted for /metrics as they are written, so counts survive the events' retention and a
@@ -119,6 +123,7 @@ class VmState(StrEnum):
     PENDING = "pending"
     PROVISIONING = "provisioning"
     RUNNING = "running"
+    STOPPING = "stopping"  # a stop awaits its domain's power-off; its journal entry says what it was
     STOPPED = "stopped"
     SWAPPING = "swapping"
     ROLLING_BACK = "rolling-back"
@@ -195,6 +200,8 @@ class RolloutRow:
     reason: str | None
     created_at: float
     updated_at: float
+    canary: str = "off"  # pending | running | passed | failed | off
+    ignore_windows: bool = False  # `rollout start --now`: maintenance windows do not hold it
 
     @property
     def family_ref(self) -> str:
@@ -492,12 +499,13 @@ class State:
 
     # rollouts
     def add_rollout(self, name: str, family: int, target: str, max_unavailable: str,
-                    steps: list[tuple[str, int, str]]) -> int:
+                    steps: list[tuple[str, int, str]], canary: str = "off", ignore_windows: bool = False) -> int:
         now = self.clock()
         with self.tx() as db:
             cur = db.execute("INSERT INTO rollouts (name, family, target, state, max_unavailable, reason, created_at,"
-                             " updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                             (name, family, target, RolloutState.RUNNING.value, max_unavailable, None, now, now))
+                             " updated_at, canary, ignore_windows) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                             (name, family, target, RolloutState.RUNNING.value, max_unavailable, None, now, now,
+                              canary, int(ignore_windows)))
             rid = cur.lastrowid
             assert rid is not None
             db.executemany("INSERT INTO rollout_vms (rollout, vm, batch, from_version, state) VALUES (?,?,?,?,?)",
@@ -507,11 +515,18 @@ class State:
     def rollouts(self, active_only: bool = False) -> list[RolloutRow]:
         rows = self.db.execute("SELECT * FROM rollouts ORDER BY id").fetchall()
         out = [RolloutRow(r["id"], r["name"], r["family"], r["target"], RolloutState(r["state"]),
-                          r["max_unavailable"], r["reason"], r["created_at"], r["updated_at"]) for r in rows]
+                          r["max_unavailable"], r["reason"], r["created_at"], r["updated_at"], r["canary"],
+                          bool(r["ignore_windows"])) for r in rows]
         return [r for r in out if not r.state.finished] if active_only else out
 
     def rollout(self, rid: int) -> RolloutRow | None:
         return next((r for r in self.rollouts() if r.id == rid), None)
+
+    def set_rollout_reason(self, rid: int, reason: str | None) -> None:
+        self.db.execute("UPDATE rollouts SET reason=?, updated_at=? WHERE id=?", (reason, self.clock(), rid))
+
+    def set_canary(self, rid: int, canary: str) -> None:
+        self.db.execute("UPDATE rollouts SET canary=?, updated_at=? WHERE id=?", (canary, self.clock(), rid))
 
     def set_rollout(self, rid: int, state: RolloutState, reason: str | None = None) -> None:
         self.db.execute("UPDATE rollouts SET state=?, reason=COALESCE(?, reason), updated_at=? WHERE id=?",

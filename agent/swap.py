@@ -8,6 +8,12 @@ rollback boots again.
 
 ``swap_batch`` swaps several VMs at once (one update domain): they shut down together, boot
 together and are health-checked in parallel, so a batch costs about one swap of wall time.
+
+Each failure has a class (``agent.canary.Fault``). The image's: its guest does not become
+healthy (no SSH, another host key, a halted guest, a VERSION_ID mismatch, the health command
+failing); the version is marked bad. The host's: the new overlay or seed cannot be made, or
+the domain cannot be defined or started; the version stays active. A VM whose new disk could
+not even be prepared never went down: it keeps running as it was, nothing is restored.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from agent.canary import Fault
 from agent.catalog import Catalog
 from agent.config import Config
 from agent.domxml import DomainType
@@ -44,6 +51,7 @@ class Outcome:
     reason: str = ""
     downtime: float | None = None  # SSH-unreachable window: shutdown request .. healthy again
     rolled_back_healthy: bool = True
+    fault: Fault | None = None  # why it failed: the image's fault or the host's
 
 
 @dataclass
@@ -95,8 +103,9 @@ class Swapper:
         fault("swap.journaled")
 
         # 1. while the old OS still serves: the new overlay and a seed with the new instance-id
-        failed: list[tuple[_Job, str]] = []
+        failed: list[tuple[_Job, str, Fault]] = []
         prepared: list[_Job] = []
+        outcomes: list[Outcome] = []
         for job in jobs:
             try:
                 make_overlay(base, VmPaths.of(self.cfg, job.old.name).os_disk(target.version))
@@ -104,7 +113,7 @@ class Swapper:
                 prepared.append(job)
                 fault("swap.prepared")
             except HvError as e:
-                failed.append((job, f"could not prepare {target.ref}: {e.message}"))
+                outcomes.append(self._not_prepared(job, target, f"could not prepare {target.ref}: {e.message}"))
         # 2. graceful shutdown of the whole batch (ACPI, then force after the timeout)
         say(f"shutting down {', '.join(j.old.name for j in prepared)}")
         for job in prepared:
@@ -124,17 +133,16 @@ class Swapper:
                 self.state.event("swap.booting", f"started on {target.ref}", vm=job.old.name)
                 started.append(job)
             except HvError as e:
-                failed.append((job, f"could not start on {target.ref}: {e.message}"))
+                failed.append((job, f"could not start on {target.ref}: {e.message}", Fault.HOST))
         # 4. health of every started VM, in parallel and without the host lock
         say(f"booting {', '.join(j.old.name for j in started)} on {target.ref}, waiting for health")
         checks = self._health_phase([(j.new, j.intent, manifest.expected_version_id) for j in started])
-        outcomes: list[Outcome] = []
         for job, (error, t_up) in zip(started, checks, strict=True):
             job.t_up = t_up
             if error is None:
                 outcomes.append(self._commit(job, target))
             else:
-                failed.append((job, error))
+                failed.append((job, error, Fault.IMAGE))
         outcomes += self._rollback_all(failed, target)
         order = {n: i for i, n in enumerate(names)}
         return sorted(outcomes, key=lambda o: order[o.vm])
@@ -201,20 +209,32 @@ class Swapper:
         self.state.done(job.intent)
         return Outcome(name, True, job.old.version, target.version, downtime=downtime)
 
-    def _rollback_all(self, failed: list[tuple[_Job, str]], target: ImageRow) -> list[Outcome]:
-        """Boot each VM's old overlay again with its old instance-id; mark the target bad on this host."""
+    def _not_prepared(self, job: _Job, target: ImageRow, reason: str) -> Outcome:
+        """A VM whose new disk could not be made: it never went down, so it keeps running as it was."""
+        name = job.old.name
+        VmPaths.of(self.cfg, name).os_disk(target.version).unlink(missing_ok=True)  # the seed is written last
+        self.state.update_vm(name, state=job.old.state, reason=f"not swapped to {target.ref}: {reason}")
+        self.state.event("swap.failed", f"on {target.ref}: {reason} (host fault; it kept running on "
+                         f"{job.old.version})", vm=name)
+        self.state.done(job.intent)
+        return Outcome(name, False, job.old.version, target.version, reason=reason, fault=Fault.HOST)
+
+    def _rollback_all(self, failed: list[tuple[_Job, str, Fault]], target: ImageRow) -> list[Outcome]:
+        """Boot each VM's old overlay again with its old instance-id; mark the target bad on this
+        host when its guest was at fault."""
         if not failed:
             return []
-        for job, reason in failed:
-            self.state.event("swap.failed", f"on {target.ref}: {reason}", vm=job.old.name)
+        for job, reason, cause in failed:
+            self.state.event("swap.failed", f"on {target.ref}: {reason} ({cause} fault)", vm=job.old.name)
             self.state.update_vm(job.old.name, state=VmState.ROLLING_BACK, reason=reason)
-            self.state.set_image_state(target.name, target.version, ImageState.BAD)
-            self.state.event("image.bad", f"{target.ref} failed health on {job.old.name}: {reason}")
+            if cause is Fault.IMAGE:
+                self.state.set_image_state(target.name, target.version, ImageState.BAD)
+                self.state.event("image.bad", f"{target.ref} failed health on {job.old.name}: {reason}")
         fault("rollback.marked")
         t0 = self._clock()
-        restored = self._restore_all([(job.old, job.intent, target.version) for job, _ in failed])
+        restored = self._restore_all([(job.old, job.intent, target.version) for job, _, _ in failed])
         outcomes = []
-        for (job, reason), unhealthy in zip(failed, restored, strict=True):
+        for (job, reason, cause), unhealthy in zip(failed, restored, strict=True):
             name = job.old.name
             if unhealthy is None:
                 self.state.update_vm(name, state=VmState.RUNNING, reason=f"rolled back from {target.ref}: {reason}")
@@ -223,7 +243,7 @@ class Swapper:
                 self.state.update_vm(name, state=VmState.FAILED, reason=f"rollback unhealthy: {unhealthy}")
                 self.state.event("rollback.failed", unhealthy, vm=name, duration=self._clock() - t0)
             outcomes.append(Outcome(name, False, job.old.version, target.version, reason=reason,
-                                    rolled_back_healthy=unhealthy is None))
+                                    rolled_back_healthy=unhealthy is None, fault=cause))
         return outcomes
 
     def _restore_all(self, olds: list[tuple[VmRow, int, str]]) -> list[str | None]:

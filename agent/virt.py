@@ -511,13 +511,7 @@ class Virt:
         must keep running. Probes are always destroyed; they are also tied to our connection
         (AUTODESTROY) should hvagent die meanwhile.
         """
-        for firmware in (Firmware.BIOS, Firmware.UEFI):
-            if firmware is Firmware.UEFI and not OVMF_CODE.exists():
-                log.info("KVM probe: %s is missing; SeaBIOS alone decides", OVMF_CODE)
-                continue
-            if not self._probe_one(workdir, name, firmware, wait):
-                return DomainType.QEMU
-        return DomainType.KVM
+        return choose_accel(lambda firmware: self._probe_one(workdir, name, firmware, wait), OVMF_CODE.exists())
 
     def _probe_one(self, workdir: Path, name: str, firmware: Firmware, wait: float) -> bool:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -597,6 +591,18 @@ class Virt:
         except libvirt.libvirtError as e:
             if _code(e) not in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
                 raise
+
+
+def choose_accel(boots: Callable[[Firmware], bool], uefi: bool) -> DomainType:
+    """KVM only if a probe guest of each firmware this host has (SeaBIOS; OVMF when ``uefi``) boots
+    under KVM; the first that does not decides for QEMU (TCG) and no further probe runs."""
+    for firmware in (Firmware.BIOS, Firmware.UEFI):
+        if firmware is Firmware.UEFI and not uefi:
+            log.info("KVM probe: %s is missing; SeaBIOS alone decides", OVMF_CODE)
+            continue
+        if not boots(firmware):
+            return DomainType.QEMU
+    return DomainType.KVM
 
 
 # -- lifecycle events ----------------------------------------------------------------------------

@@ -56,7 +56,10 @@ def state_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def cfg(state_dir: Path) -> config_mod.Config:
-    return config_mod.load(None, state_dir=state_dir, port_min=22300, port_max=22399, health_timeout=90.0)
+    # No canary boot unless a test is about it (rollouts.start(..., canary=True)): it would add a
+    # boot to every rollout of every test.
+    return config_mod.load(None, state_dir=state_dir, port_min=22300, port_max=22399, health_timeout=90.0,
+                           canary=False)
 
 
 def destroy_all(h: Host) -> None:

@@ -89,7 +89,8 @@ def vm_view(row: VmRow, admin: bool) -> dict[str, Any]:
 
 def rollout_view(host: Host, ro: RolloutRow) -> dict[str, Any]:
     return {"id": ro.id, "family": ro.family_ref, "target": ro.target, "state": ro.state.value,
-            "max_unavailable": ro.max_unavailable, "reason": ro.reason, "created_at": ro.created_at,
+            "canary": ro.canary, "max_unavailable": ro.max_unavailable, "reason": ro.reason,
+            "created_at": ro.created_at,
             "vms": [{"vm": s.vm, "batch": s.batch + 1, "from": s.from_version, "state": s.state.value,
                      "downtime": s.downtime, "reason": s.reason} for s in host.state.steps(ro.id)]}
 

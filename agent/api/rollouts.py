@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from agent.api.common import Admin, DaemonDep, rollout_view
 from agent.errors import NotFound
@@ -22,6 +22,9 @@ class RolloutRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     family: StrictStr = Field(pattern=FAMILY, description="tiny-1 or tiny-1.*")
     max_unavailable: StrictStr | None = Field(None, max_length=8, description="a count (3) or a percentage (25%)")
+    canary: StrictBool | None = Field(None, description="boot the version on a throwaway VM before the first "
+                                      "batch; default: the host's configuration")
+    now: StrictBool = Field(False, description="swap outside the VMs' maintenance windows too")
 
 
 @router.get("/v1/rollouts")
@@ -46,7 +49,7 @@ def rollout_start(_: Admin, d: DaemonDep, body: RolloutRequest) -> dict[str, Any
     if body.max_unavailable is not None:
         parse_max_unavailable(body.max_unavailable, "max_unavailable")
     with d.locked() as host:
-        ro = host.rollouts.start(name, major, body.max_unavailable)
+        ro = host.rollouts.start(name, major, body.max_unavailable, body.canary, body.now)
     d.poke()
     return {"rollout": rollout_view(host, ro) if ro else None}
 

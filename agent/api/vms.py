@@ -115,16 +115,12 @@ def vm_delete(p: Who, d: DaemonDep, name: Name, purge: bool = False) -> dict[str
 
 @router.post("/v1/vms/{name}/stop", tags=["vms"])
 def vm_stop(p: Who, d: DaemonDep, name: Name) -> dict[str, Any]:
-    """ACPI shutdown (forced off after shutdown_timeout); it stays off until started."""
+    """ACPI shutdown (forced off after shutdown_timeout); it stays off until started. The VM is
+    ``stopping`` meanwhile and ``stopped`` once off; a shutdown that fails leaves it as it was."""
     with d.locked() as host:
-        row = own(host, p, name)
-        if row.state not in (VmState.RUNNING, VmState.STOPPED, VmState.FAILED):
-            raise Conflict(f"vm {name}: is {row.state}; try again when it is running")
-        host.state.update_vm(name, state=VmState.STOPPED, reason=f"stopped by {p.name}")
-        host.state.event("vm.stopping", f"requested by {p.name}", vm=name)
-    clean = host.virt.shutdown(name, d.cfg.shutdown_timeout)
-    host.state.event("vm.stopped", "shut down" if clean else "forced off after the shutdown timeout", vm=name)
-    return vm_view(host.provisioner.row(name), p.admin)
+        own(host, p, name)
+        row = host.provisioner.stop(name, by=p.name, lock=host.lock)  # lets go of the lock meanwhile
+    return vm_view(row, p.admin)
 
 
 @router.post("/v1/vms/{name}/start", tags=["vms"], status_code=202)

@@ -120,7 +120,7 @@ def start_daemon(state_dir: Path, extra: dict[str, Any] | None = None,
     port = free_port()
     api_cfg = {"socket": str(state_dir / "api.sock"), "tcp": f"127.0.0.1:{port}", "tokens": entries, **(api or {})}
     cfg = {"state_dir": str(state_dir), "accelerator": "qemu", "port_min": 22600, "port_max": 22699,
-           "health_timeout": 90, "shutdown_timeout": 10, "reconcile_interval": 1,
+           "health_timeout": 90, "shutdown_timeout": 10, "reconcile_interval": 1, "canary": False,
            "api": {k: v for k, v in api_cfg.items() if v is not None}, **(extra or {})}
     (state_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     notify_path = state_dir / "notify.sock"

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -18,12 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import paramiko
 import pytest
 
+from agent.faults import ENV as FAULT_ENV
 from agent.seed import new_ed25519
+from agent.state import State, VmState
 from tests.conftest import ROOT, image
-from tests.integration.daemon_fixture import EXE, Daemon, daemon_fixture
+from tests.integration.daemon_fixture import EXE, Daemon, daemon_fixture, start_daemon, stop_daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]
 
@@ -304,6 +308,76 @@ def test_tenant_reaches_its_guest_and_nothing_else(daemon: Daemon) -> None:
 
     assert daemon.call("alice", "DELETE", "/v1/vms/alice-vm", params={"purge": "true"}).status_code == 200
     assert daemon.call("alice", "GET", "/v1/vms").json() == []
+
+
+def test_a_stop_that_fails_leaves_the_vm_running_and_says_so(state_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """POST /stop whose shutdown fails (the test-only fault point ``stop.journaled`` raising there,
+    as a failing libvirt call would; then killing the daemon there): never a running guest marked
+    stopped. The VM says running, with why, and an event; reconcile passes leave it so; a stop
+    that then works ends ``stopped`` with the domain shut off."""
+    name = f"stop-{state_dir.name}"
+    monkeypatch.setenv(FAULT_ENV, "stop.journaled:error")
+    d = start_daemon(state_dir)
+    try:
+        publish(d, "tiny-1.0")
+        r = d.call("alice", "POST", "/v1/vms", json={"name": name, "image": "tiny-1.0", "restart": "always",
+                                                    "ssh_keys": [new_ed25519("alice").public]})
+        assert r.status_code == 202, r.text
+        assert d.wait_vm("alice", name, ("running", "failed"))["state"] == "running"
+
+        seen = len(d.events(name))
+        r = d.call("alice", "POST", f"/v1/vms/{name}/stop")
+        assert r.status_code == 503 and "stop.journaled: injected failure" in r.json()["error"], r.text
+        vm = d.call("alice", "GET", f"/v1/vms/{name}").json()
+        assert vm["state"] == "running" and vm["reason"].startswith("stop failed: fault point stop.journaled"), vm
+        time.sleep(3)  # reconcile passes
+        assert _domstate(name) == "running"
+        assert [e["kind"] for e in d.events(name)[seen:]] == ["vm.stopping", "vm.stop-failed"]
+        assert d.call("alice", "GET", f"/v1/vms/{name}").json()["state"] == "running"
+
+        # killed there: the VM was "stopping" with its intent journaled; the next start says running
+        _restart(d, monkeypatch, "stop.journaled")
+        d = start_daemon(state_dir)
+        seen = len(d.events(name))
+        with pytest.raises(httpx.HTTPError):  # the daemon dies with the request
+            d.call("alice", "POST", f"/v1/vms/{name}/stop")
+        assert d.proc.wait(30) == -signal.SIGKILL
+        state = State(d.state_dir / "state.db")
+        try:
+            row = state.vm(name)
+            assert row is not None and row.state is VmState.STOPPING, row
+            assert [(it.op, it.target) for it in state.orphaned()] == [("stop", name)]
+        finally:
+            state.close()
+        _restart(d, monkeypatch, None)
+        d = start_daemon(state_dir)
+        vm = d.call("alice", "GET", f"/v1/vms/{name}").json()
+        assert vm["state"] == "running" and vm["reason"].startswith("stop interrupted"), vm
+        assert [e["kind"] for e in d.events(name)[seen:]] == ["vm.stopping", "vm.stop-failed"]
+        assert _domstate(name) == "running"
+
+        # and a stop that works: stopped once off, and it stays off
+        seen = len(d.events(name))
+        r = d.call("alice", "POST", f"/v1/vms/{name}/stop")
+        assert r.status_code == 200 and r.json()["state"] == "stopped", r.text
+        assert _domstate(name) == "shut off"
+        time.sleep(3)
+        assert _domstate(name) == "shut off"
+        assert [e["kind"] for e in d.events(name)[seen:]] == ["vm.stopping", "vm.stopped"]
+    finally:
+        stop_daemon(d)
+
+
+def _restart(d: Daemon, monkeypatch: pytest.MonkeyPatch, fault: str | None) -> None:
+    """Stop ``d`` (if it still runs), free its notify socket; the next daemon gets ``fault``."""
+    d.terminate()
+    d.notify.close()
+    (d.state_dir / "notify.sock").unlink()
+    if fault is None:
+        monkeypatch.delenv(FAULT_ENV)
+    else:
+        monkeypatch.setenv(FAULT_ENV, fault)
 
 
 def test_foreign_domain_is_left_alone(state_dir: Path) -> None:

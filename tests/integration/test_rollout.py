@@ -6,6 +6,7 @@ a guest goes over SSH with the VM's pinned host key, so a swap that lost the hos
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -81,22 +82,46 @@ def test_latest_track_rollout_rollback_retire_gc(host: Host, state_dir: Path, te
     swaps = [e for e in host.state.events() if e.kind == "swap.done"]
     assert len(swaps) == 2 and all(e.duration and "downtime" in e.message for e in swaps)
 
-    # broken 1.2: the first VM rolls back and is healthy, the rollout halts, the second is untouched.
-    assert publish_and_roll(host, "tiny-1.2-broken-ssh") is RolloutState.HALTED
+    # broken 1.2 with the canary: the throwaway VM does not pass health, the version is marked bad
+    # and the rollout halts before any tenant's VM goes down.
+    ids = {n: (r.instance_id, r.updated_at) for n in ("t-lat-a", "t-lat-b") if (r := host.state.vm(n)) is not None}
+    host.catalog.publish(image("tiny-1.2-broken-ssh"))
+    ro2 = host.rollouts.start("tiny", 1, canary=True)
+    assert ro2 is not None and ro2.canary == "pending"
+    assert host.rollouts.run(ro2.id).state is RolloutState.HALTED
     ro2 = host.state.rollouts()[-1]
-    steps2 = {s.vm: s for s in host.state.steps(ro2.id)}
-    rolled = [s for s in steps2.values() if s.state is StepState.ROLLED_BACK]
-    untouched = [s for s in steps2.values() if s.state is StepState.PENDING]
+    assert ro2.canary == "failed" and ro2.reason and ro2.reason.startswith("canary of tiny-1.2: "), ro2
+    assert {s.state for s in host.state.steps(ro2.id)} == {StepState.PENDING}
+    for name, before_ids in ids.items():
+        row = host.state.vm(name)
+        assert row is not None and (row.instance_id, row.updated_at) == before_ids  # never touched
+        assert version_id(host, name, tenant_key) == "1.1"
+    bad = host.state.image("tiny", "1.2")
+    assert bad is not None and bad.state is ImageState.BAD
+    assert not [e for e in host.state.events() if e.kind in ("swap.start", "swap.shutoff") and "1.2" in e.message]
+    assert not [n for n in host.virt.managed() if n.startswith("canary_")]
+    assert list((host.cfg.state_dir / "canary").iterdir()) == []
+
+    # panicking 1.3 without the canary: the first VM rolls back and is healthy, the rollout halts,
+    # the second is untouched.
+    host.catalog.publish(image("tiny-1.3-panic"))
+    ro3 = host.rollouts.start("tiny", 1, canary=False)
+    assert ro3 is not None and host.rollouts.run(ro3.id).state is RolloutState.HALTED
+    ro3 = host.state.rollouts()[-1]
+    steps3 = {s.vm: s for s in host.state.steps(ro3.id)}
+    rolled = [s for s in steps3.values() if s.state is StepState.ROLLED_BACK]
+    untouched = [s for s in steps3.values() if s.state is StepState.PENDING]
     assert len(rolled) == 1 and len(untouched) == 1
     for s in (*rolled, *untouched):
         assert version_id(host, s.vm, tenant_key) == "1.1"
         row = host.state.vm(s.vm)
         assert row is not None and row.version == "1.1" and str(row.state) == "running"
         assert guest(host, s.vm, tenant_key, "sha256sum /data/f").split()[0] == sums[s.vm]
-    assert not VmPaths.of(host.cfg, rolled[0].vm).os_disk("1.2").exists()
-    bad = host.state.image("tiny", "1.2")
-    assert bad is not None and bad.state is ImageState.BAD and ro2.reason and rolled[0].vm in ro2.reason
+    assert not VmPaths.of(host.cfg, rolled[0].vm).os_disk("1.3").exists()
+    bad = host.state.image("tiny", "1.3")
+    assert bad is not None and bad.state is ImageState.BAD and ro3.reason and rolled[0].vm in ro3.reason
     assert any(e.kind == "rollback.done" for e in host.state.events(rolled[0].vm))
+    assert any(e.kind == "swap.failed" and "(image fault)" in e.message for e in host.state.events(rolled[0].vm))
 
     # 2.1: family 2 moves, family 1 stays exactly as it is.
     fam1 = {v.name: (v.version, v.instance_id) for v in host.state.vms() if v.image == "tiny" and v.name != "t-two"}
@@ -112,14 +137,15 @@ def test_latest_track_rollout_rollback_retire_gc(host: Host, state_dir: Path, te
     with pytest.raises(InputError, match="retired"):
         host.provisioner.create(parse_spec({"vms": [{"name": "t-new", "owner": "a", "image": "tiny-1.0",
                                                      "ssh_keys": [tenant_key.public]}]}).vms[0])
-    # ... and with no grace: the pinned VM moves to the newest good 1.x (1.1; 1.2 is bad).
+    # ... and with no grace: the pinned VM moves to the newest good 1.x (1.1; 1.2 and 1.3 are bad).
     host.rollouts.retire("tiny-1.0", 0, RetirePolicy.MOVE)
     assert version_id(host, "t-pin", tenant_key) == "1.1"
     pin = host.state.vm("t-pin")
     assert pin is not None and pin.track == "tiny-1.1" and pin.version == "1.1"
     assert any(e.kind == "retire.moved" for e in host.state.events("t-pin"))
 
-    # garbage collection: 1.0 and 2.0 are unused; the newest two of family 1 (1.2, 1.1) stay.
+    # garbage collection: 1.0 and 2.0 are unused; the newest two of family 1 (1.3, 1.2) stay, and
+    # 1.1, which the VMs run.
     removed = host.rollouts.gc(keep=2)
     assert "tiny-1.0" in removed and "tiny-1.1" not in removed and "tiny-1.2" not in removed
     assert not (host.cfg.store / "tiny" / "tiny-1.0.qcow2").exists()
@@ -133,7 +159,7 @@ def test_latest_track_rollout_rollback_retire_gc(host: Host, state_dir: Path, te
 
 def test_abort_mid_rollout_leaves_every_vm_healthy(state_dir: Path, tenant_key: KeyPair) -> None:
     (state_dir / "config.yaml").write_text(f"state_dir: {state_dir}\nport_min: 22400\nport_max: 22499\n"
-                                           "health_timeout: 90\nmax_unavailable: '1'\n")
+                                           "health_timeout: 90\nmax_unavailable: '1'\ncanary: false\n")
     assert hvagent(state_dir, "images", "publish", str(image("tiny-1.0"))).returncode == 0
     spec = state_dir / "spec.yaml"
     spec.write_text(json.dumps({"vms": [{"name": n, "owner": "bob", "image": "tiny-1.*",
@@ -202,7 +228,7 @@ def test_rollout_and_retire_bad_input(state_dir: Path, args: list[str], needle: 
 
 def test_pause_then_resume(state_dir: Path, tenant_key: KeyPair) -> None:
     (state_dir / "config.yaml").write_text(f"state_dir: {state_dir}\nport_min: 22400\nport_max: 22499\n"
-                                           "health_timeout: 90\nmax_unavailable: '1'\n")
+                                           "health_timeout: 90\nmax_unavailable: '1'\ncanary: false\n")
     assert hvagent(state_dir, "images", "publish", str(image("tiny-1.0"))).returncode == 0
     spec = state_dir / "spec.yaml"
     names = ("t-pr-1", "t-pr-2")
@@ -236,3 +262,47 @@ def test_pause_then_resume(state_dir: Path, tenant_key: KeyPair) -> None:
     finally:
         for n in names:
             hvagent(state_dir, "destroy", n, "--purge")
+
+
+def test_maintenance_windows_hold_swaps_until_they_open(host: Host, tenant_key: KeyPair) -> None:
+    """Issue 17, point 3, with the rollout's clock injected: a VM goes down only inside its window;
+    the rollout says which VMs wait and when their windows open; --now overrides."""
+    saturday = dt.datetime(2026, 12, 5, tzinfo=dt.UTC).timestamp()
+    clock = [saturday - 12 * 3600]  # Friday noon
+    host.rollouts.clock = lambda: clock[0]
+    host.catalog.publish(image("tiny-1.0"))
+    windows = {"w-sat": "Sat 02:00-04:00", "w-sun": "Sun 01:00-02:00"}
+    spec = parse_spec({"vms": [{"name": n, "owner": "alice", "image": "tiny-1.*", "ssh_keys": [tenant_key.public],
+                                "maintenance": {"window": w, "tz": "UTC"}} for n, w in windows.items()]})
+    for vm in spec.vms:
+        host.provisioner.create(vm)
+    for vm in spec.vms:
+        host.provisioner.wait(vm.name)
+    host.catalog.publish(image("tiny-1.1"))
+    ro = host.rollouts.start("tiny", 1, max_unavailable="2")
+    assert ro is not None
+
+    # Friday noon: both windows closed; nothing goes down, and the rollout says when each opens
+    ro = host.rollouts.run(ro.id)
+    assert ro.state is RolloutState.RUNNING and ro.reason == (
+        "waiting for maintenance windows: w-sat opens 2026-12-05 02:00 UTC (Sat 02:00-04:00 UTC), "
+        "w-sun opens 2026-12-06 01:00 UTC (Sun 01:00-02:00 UTC)"), ro.reason
+    assert {v.name: v.version for v in host.state.vms()} == {"w-sat": "1.0", "w-sun": "1.0"}
+    assert {s.vm: s.state for s in host.state.steps(ro.id)} == {"w-sat": StepState.PENDING,
+                                                               "w-sun": StepState.PENDING}
+    assert not [e for e in host.state.events() if e.kind == "swap.start"]
+
+    # Saturday 02:30: w-sat's window is open, it moves; w-sun still waits
+    clock[0] = saturday + 2.5 * 3600
+    ro = host.rollouts.run(ro.id)
+    assert ro.state is RolloutState.RUNNING and ro.reason == \
+        "waiting for maintenance windows: w-sun opens 2026-12-06 01:00 UTC (Sun 01:00-02:00 UTC)", ro.reason
+    assert version_id(host, "w-sat", tenant_key) == "1.1"
+    assert {v.name: v.version for v in host.state.vms()} == {"w-sat": "1.1", "w-sun": "1.0"}
+
+    # the operator overrides: abort, start again with --now; w-sun moves outside its window
+    host.rollouts.abort("tiny-1")
+    now = host.rollouts.start("tiny", 1, now=True)
+    assert now is not None and [s.vm for s in host.state.steps(now.id)] == ["w-sun"]
+    assert host.rollouts.run(now.id).state is RolloutState.DONE
+    assert version_id(host, "w-sun", tenant_key) == "1.1"

@@ -13,7 +13,6 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import libvirt
 import pytest
@@ -21,6 +20,7 @@ import pytest
 from agent.domxml import Disk, Domain, DomainType, Firmware, Metadata, UserNet
 from agent.errors import Conflict, EnvError, NotFound
 from agent.virt import START_HINT, DomState, Virt
+from tests.integration.kvm import boots, kvm_runs_real_guests
 
 pytestmark = pytest.mark.integration
 
@@ -184,9 +184,14 @@ def test_missing_domains(virt: Virt) -> None:
     assert virt.qemu_pid(name) is None
 
 
-def test_probe_accel_is_qemu_here(virt: Virt, workdir: Path, domain_name: Callable[[str], str]) -> None:
+def test_probe_accel_picks_kvm_iff_kvm_boots_a_real_guest(virt: Virt, workdir: Path,
+                                                          domain_name: Callable[[str], str]) -> None:
+    """Holds on any host: the probe's choice against a real guest booted under KVM without libvirt
+    (here /dev/kvm opens and runs SeaBIOS, yet every bootloader stops with an emulation failure)."""
+    assert boots("tcg"), "the oracle cannot see the tiny image boot even under TCG"
     name = domain_name("probe")
-    assert virt.probe_accel(workdir, name=name) is DomainType.QEMU
+    expected = DomainType.KVM if kvm_runs_real_guests() else DomainType.QEMU
+    assert virt.probe_accel(workdir, name=name) is expected
     assert not virt.exists(name)
 
 
@@ -205,41 +210,3 @@ def test_unreachable_libvirtd_is_an_env_error() -> None:
     assert "cannot connect" in exc.value.message and "/nonexistent" in exc.value.message
     assert exc.value.hint == START_HINT and exc.value.exit_code == 1
     assert len(sleeps) == 4  # five attempts, bounded, and no real waiting in tests
-
-
-class _FakeConn:
-    def __init__(self, fail: libvirt.libvirtError | None) -> None:
-        self.fail = fail
-        self.closed = False
-
-    def lookupByName(self, name: str) -> Any:
-        if self.fail is not None:
-            raise self.fail
-        err = libvirt.libvirtError("no domain")
-        err.err = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_FROM_QEMU, "no domain", 2, None, None, None, 0, 0)
-        raise err
-
-    def isAlive(self) -> int:
-        return 0 if self.fail is not None else 1
-
-    def close(self) -> int:
-        self.closed = True
-        return 0
-
-
-def test_reconnects_after_a_dropped_connection(monkeypatch: pytest.MonkeyPatch) -> None:
-    dropped = libvirt.libvirtError("Cannot recv data")
-    dropped.err = (libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_RPC, "Cannot recv data: EOF", 2,
-                   None, None, None, 0, 0)  # fmt: skip
-    conns = [_FakeConn(dropped), _FakeConn(None)]
-    opened: list[_FakeConn] = []
-
-    def fake_open(uri: str) -> _FakeConn:
-        opened.append(conns[len(opened)])
-        return opened[-1]
-
-    monkeypatch.setattr(libvirt, "open", fake_open)
-    sleeps: list[float] = []
-    v = Virt("qemu:///fake", sleep=sleeps.append)
-    assert v.state("hvtest-x") == DomState.MISSING
-    assert len(opened) == 2 and opened[0].closed and len(sleeps) == 1
