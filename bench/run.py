@@ -2,21 +2,28 @@
 
 Each benchmark names its baseline, runs interleaved pairs (or repeated runs), and reports the
 median ratio with its min and max. Writes bench/results.json, bench/results.md and
-bench/rollout.png (a timeline of one rollout). Never part of `make test`.
+bench/rollout.png (a timeline of one rollout). ``--only relay,console`` runs some of them; the
+other rows stay as last measured, with their date. Never part of `make test`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import queue
+import resource
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +62,7 @@ class Result:
     limit: float | None
     notes: str = ""
     ratios: list[float] = field(default_factory=list)
+    measured: str = ""  # when: rows a run skipped (--only) keep theirs in results.json
 
     def finish(self) -> Result:
         if not self.ratios:
@@ -425,8 +434,6 @@ def daemon_rss(host: Host, settle: float) -> float:
     proc = subprocess.Popen([str(exe), "serve"], env={**os.environ, "HVAGENT_CONFIG": str(cfg_path)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        import httpx
-
         token_file = host.cfg.state_dir / "api.token"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not token_file.exists():
@@ -478,6 +485,342 @@ def bench_footprint(passes: int) -> tuple[Result, Result]:
         clean(host)
 
 
+# -- the API's access paths: SSH relay and serial console -------------------------------------
+EXE = ROOT / ".venv" / "bin" / "hvagent"
+ACCESS_VM = "b-access"  # libvirt domain names are per host: one no test uses
+
+
+@dataclass
+class Site:
+    """A real ``hvagent serve`` over TLS on 127.0.0.1 (a throwaway CA), one tenant's VM running, and
+    the tenant's ``hvagent remote`` under a HOME of its own."""
+
+    url: str
+    tls: ssl.SSLContext
+    tokens: dict[str, str]  # "ops" (admin), "bench" (the tenant)
+    home: Path
+    env: dict[str, str]  # the tenant's: HOME, XDG_CONFIG_HOME, no HVAGENT_* and no proxies
+    key: Path  # the tenant's private SSH key
+    vm: dict[str, Any]  # the admin's view of the VM: ssh (127.0.0.1:PORT), uuid
+    libvirt_uri: str
+    daemon: int = 0  # its pid
+
+    def call(self, who: str, method: str, path: str, **kw: Any) -> httpx.Response:
+        with httpx.Client(base_url=self.url, verify=self.tls, trust_env=False, timeout=120,
+                          headers={"Authorization": f"Bearer {self.tokens[who]}"}) as c:
+            return c.request(method, path, **kw)
+
+
+def tenant_env(home: Path) -> dict[str, str]:
+    drop = ("HVAGENT_CONFIG", "HVAGENT_STATE_DIR", "HVAGENT_REMOTE")
+    env = {k: v for k, v in os.environ.items() if k not in drop and "proxy" not in k.lower()}
+    return env | {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+
+
+def run(argv: list[str], env: dict[str, str], timeout: float = 600) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: exit {r.returncode}: {r.stderr.strip()[-500:]}")
+    return r.stdout
+
+
+@contextmanager
+def api_site(tag: str) -> Iterator[Site]:
+    """Start the daemon, publish tiny-1.0 through it, create the tenant's VM (256 MiB, a 1 GiB data
+    disk at /data) through the API and wait until it runs; stop and remove all of it afterwards."""
+    from agent.daemon import token_hash
+    from tests.tlsca import TestCA
+
+    WORK.mkdir(mode=0o711, exist_ok=True)
+    state = WORK / tag
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(mode=0o711)
+    ca = TestCA(state / "pki", "bench CA")
+    server = ca.server()
+    port = free_port()
+    tokens = {who: secrets.token_urlsafe(24) for who in ("ops", "bench")}
+    cfg_path = state / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "state_dir": str(state), "accelerator": "qemu", "port_min": 23300, "port_max": 23309,
+        "health_timeout": 300, "shutdown_timeout": 10,
+        "api": {"socket": str(state / "api.sock"), "listen": [f"127.0.0.1:{port}"],
+                "tls": {"cert": str(server.cert), "key": str(server.key)},
+                "tokens": [{"name": "ops", "role": "admin", "sha256": token_hash(tokens["ops"])},
+                           {"name": "bench", "role": "tenant", "sha256": token_hash(tokens["bench"]),
+                            "quota": {"vms": 1, "cpus": 1, "memory": 256, "disk_gib": 1}}]}}))
+    home = state / "tenant"
+    home.mkdir()
+    site = Site(f"https://127.0.0.1:{port}", ssl.create_default_context(cafile=str(ca.cert)), tokens, home,
+                tenant_env(home), home / "id_ed25519", {}, config_mod.load(cfg_path).libvirt_uri)
+    log_path = state / "serve.log"
+    with log_path.open("wb") as f:
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        proc = subprocess.Popen([str(EXE), "serve"], stdout=f, stderr=subprocess.STDOUT,
+                                env={**env, "HVAGENT_CONFIG": str(cfg_path)})
+    site.daemon = proc.pid
+    created = False
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"hvagent serve did not answer on {site.url}:\n{log_path.read_text()[-2000:]}")
+            try:
+                if site.call("ops", "GET", "/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        run([str(EXE), "images", "publish", str(IMAGES / "tiny-1.0.qcow2")], {**os.environ,
+            "HVAGENT_CONFIG": str(cfg_path)})
+        (home / "token").write_text(tokens["bench"] + "\n")
+        run([str(EXE), "remote", "add", "bench", site.url, "--token-file", str(home / "token"), "--ca",
+             str(ca.cert)], site.env)
+        key = new_ed25519("bench@tenant")
+        site.key.write_text(key.private)
+        site.key.chmod(0o600)
+        r = site.call("bench", "POST", "/v1/vms", json={"name": ACCESS_VM, "image": "tiny-1.0", "memory": 256,
+                                                         "data_disk": 1, "ssh_keys": [key.public]})
+        if r.status_code != 202:
+            raise RuntimeError(f"POST /v1/vms: {r.status_code} {r.text}")
+        created = True
+        deadline = time.monotonic() + 360
+        while (vm := site.call("ops", "GET", f"/v1/vms/{ACCESS_VM}").json())["state"] != "running":
+            if vm["state"] == "failed" or time.monotonic() > deadline:
+                raise RuntimeError(f"vm {ACCESS_VM}: {vm['state']} ({vm['reason']})")
+            time.sleep(1)
+        site.vm.update(vm)
+        log(f"daemon on {site.url}, {ACCESS_VM} running, its SSH forwarded at {vm['ssh']}")
+        yield site
+    finally:
+        try:
+            if created:
+                t0 = time.monotonic()
+                r = site.call("bench", "DELETE", f"/v1/vms/{ACCESS_VM}", params={"purge": "true"})
+                log(f"DELETE /v1/vms/{ACCESS_VM}?purge=true: {r.status_code} in {time.monotonic() - t0:.1f} s")
+        except httpx.HTTPError as e:
+            log(f"DELETE /v1/vms/{ACCESS_VM}: {e} (the state's VMs are destroyed below); the daemon's log:\n"
+                f"{log_path.read_text()[-3000:]}")
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            clean(Host(config_mod.load(cfg_path)))  # whatever the DELETE left; removes the state dir
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User and system CPU time so far of process ``pid``, or of this one's children waited for."""
+    if pid is None:
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime + ru.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_relay(site: Site, pairs: int, size: int) -> list[Result]:
+    """scp (SFTP) of ``size`` random bytes up and down: through ``hvagent vm ssh-config``'s block
+    (ProxyCommand ``hvagent vm proxy``: the API's WebSocket relay) and straight to the forwarded port."""
+    port = site.vm["ssh"].rsplit(":", 1)[1]
+    hostkey = site.call("bench", "GET", f"/v1/vms/{ACCESS_VM}/hostkey").json()["key"]
+    known = site.home / "known_hosts.direct"
+    known.write_text(f"[127.0.0.1]:{port} {hostkey}\n")
+    config = site.home / "ssh_config"
+    config.write_text(run([str(EXE), "--remote", "bench", "vm", "ssh-config", ACCESS_VM], site.env))
+    common = ["-i", str(site.key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"]
+    scp = {"relay": ["scp", "-q", "-F", str(config), *common],
+           "direct": ["scp", "-q", "-F", "/dev/null", *common, "-P", port, "-o", "StrictHostKeyChecking=yes",
+                      "-o", f"UserKnownHostsFile={known}"]}
+    remote = {"relay": f"{ACCESS_VM}:/data/x", "direct": "root@127.0.0.1:/data/x"}
+    ssh_direct = ["ssh", "-F", "/dev/null", *common, "-p", port, "-o", "StrictHostKeyChecking=yes",
+                  "-o", f"UserKnownHostsFile={known}", "root@127.0.0.1"]
+    mounts = run([*ssh_direct, "cat /proc/mounts"], site.env, timeout=120)
+    if " /data " not in mounts:
+        raise RuntimeError(f"vm {ACCESS_VM}: no /data in the guest:\n{mounts}")
+    blob, back = site.home / "blob", site.home / "blob.back"
+    with blob.open("wb") as f:
+        for _ in range(size // MiB):
+            f.write(os.urandom(MiB))
+    digest = sha256(blob)
+
+    qemu = int(Path(f"/run/libvirt/qemu/{ACCESS_VM}.pid").read_text())
+    # CPU seconds per copy: scp with its ssh (and the relay's `hvagent vm proxy`), the daemon, the guest's QEMU
+    cpu: dict[str, list[tuple[float, ...]]] = {}
+
+    def timed(argv: list[str], key: str) -> float:
+        before = (cpu_seconds(), cpu_seconds(site.daemon), cpu_seconds(qemu))
+        t0 = time.monotonic()
+        run(argv, site.env, timeout=1800)
+        took = time.monotonic() - t0
+        after = (cpu_seconds(), cpu_seconds(site.daemon), cpu_seconds(qemu))
+        cpu.setdefault(key, []).append(tuple(a - b for a, b in zip(after, before, strict=True)))
+        return took
+
+    up: dict[str, list[float]] = {"relay": [], "direct": []}
+    down: dict[str, list[float]] = {"relay": [], "direct": []}
+    for i in range(pairs):
+        for which in ("relay", "direct") if i % 2 == 0 else ("direct", "relay"):
+            up[which].append(timed([*scp[which], str(blob), remote[which]], f"upload {which}"))
+            if i == 0:  # once per path: the guest holds what was sent
+                guest = run([*ssh_direct, "sha256sum /data/x"], site.env, timeout=300).split()[0]
+                if guest != digest:
+                    raise RuntimeError(f"scp {which}: the guest's /data/x has sha256 {guest}, sent {digest}")
+            down[which].append(timed([*scp[which], remote[which], str(back)], f"download {which}"))
+            if sha256(back) != digest:
+                raise RuntimeError(f"scp {which}: the file copied back differs from the one sent")
+            back.unlink()
+        log(f"scp pair {i + 1} ({size // MiB} MiB): up relay {size / up['relay'][-1] / MiB:.1f} MiB/s, direct "
+            f"{size / up['direct'][-1] / MiB:.1f} MiB/s; down relay {size / down['relay'][-1] / MiB:.1f} MiB/s, "
+            f"direct {size / down['direct'][-1] / MiB:.1f} MiB/s")
+    blob.unlink()
+
+    def cpu_note(key: str) -> str:
+        client, daemon, guest = (statistics.median(c[n] for c in cpu[key]) for n in range(3))
+        return f"{key}: scp/ssh{'/proxy' if 'relay' in key else ''} {client:.1f}, " + \
+            (f"daemon {daemon:.1f}, " if "relay" in key else "") + f"QEMU {guest:.1f}"
+
+    results = []
+    for label, times in (("upload", up), ("download", down)):
+        r = Result(f"scp {label} through the SSH relay, {size // MiB} MiB",
+                   "scp straight to the VM's forwarded port (time ratio; throughput is its inverse)", "s",
+                   times["relay"], times["direct"], "throughput >= 0.8 of the baseline, i.e. time ratio <= 1.25",
+                   1.25).finish()
+        r.notes = (f"median {size / statistics.median(r.ours) / MiB:.1f} MiB/s through the relay, "
+                   f"{size / statistics.median(r.base) / MiB:.1f} MiB/s direct: throughput ratio "
+                   f"{1 / r.median:.2f} (`hvagent vm ssh-config` block, ProxyCommand `hvagent vm proxy`, "
+                   "TLS WebSocket; SFTP to dropbear + sftp-server; sha256 checked); median CPU seconds per copy, "
+                   f"{cpu_note(f'{label} relay')}; {cpu_note(f'{label} direct')}")
+        results.append(r)
+    return results
+
+
+Console = tuple[Callable[[bytes], None], Callable[[float], bytes]]  # send; recv with a timeout (TimeoutError)
+
+
+def retry_busy(open_: Callable[[], Any]) -> Any:
+    """``open_()``, retried for a while: the session just closed may still hold the console."""
+    from agent.errors import Conflict
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return open_()
+        except Conflict:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@contextmanager
+def websocket_console(site: Site) -> Iterator[Console]:
+    from agent.relay_client import connect_relay
+
+    url = site.url.replace("https://", "wss://", 1) + f"/v1/vms/{ACCESS_VM}/console"
+    with retry_busy(lambda: connect_relay(url, site.tokens["bench"], site.tls, "console")) as ws:
+
+        def recv(timeout: float) -> bytes:
+            message = ws.recv(timeout=timeout)
+            return message if isinstance(message, bytes) else message.encode()
+
+        yield ws.send, recv
+
+
+@contextmanager
+def libvirt_console(site: Site) -> Iterator[Console]:
+    from agent.virt import ConsoleStream
+
+    stream = retry_busy(lambda: ConsoleStream(site.libvirt_uri, site.vm["uuid"], ACCESS_VM))
+    got: queue.Queue[bytes] = queue.Queue()
+
+    def read() -> None:  # recv blocks: a thread, as the daemon has, so that waits can time out
+        while data := stream.recv():
+            got.put(data)
+        got.put(b"")
+
+    def recv(timeout: float) -> bytes:
+        try:
+            return got.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
+
+    reader = threading.Thread(target=read, name="bench-console", daemon=True)
+    reader.start()
+    try:
+        yield stream.send, recv
+    finally:
+        stream.close()
+        reader.join(timeout=5)
+
+
+def echo_times(console: Console, count: int, clear_every: int = 20) -> list[float]:
+    """Seconds from typing one letter at getty's ``login:`` prompt until its echo arrives, ``count``
+    times; the line is cleared (Ctrl-U) every ``clear_every`` letters and at the end, untimed."""
+    send, recv = console
+
+    def until(needle: bytes, timeout: float) -> None:
+        deadline, seen = time.monotonic() + timeout, b""
+        while needle not in seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"console: no {needle!r} within {timeout:.0f} s; last: {seen[-200:]!r}")
+            data = recv(left)
+            if not data:
+                raise EOFError("console: the session ended")
+            seen += data
+
+    def settle() -> None:  # read until the guest has been quiet for 0.3 s
+        with contextlib.suppress(TimeoutError):
+            while recv(0.3):
+                pass
+
+    send(b"\x15\r")  # a fresh prompt, whatever the line held
+    until(b"login: ", 30)
+    settle()
+    times = []
+    for k in range(count):
+        if k and k % clear_every == 0:
+            send(b"\x15")
+            settle()
+        letter = bytes([ord("a") + k % 26])
+        t0 = time.perf_counter()
+        send(letter)
+        until(letter, 10)
+        times.append(time.perf_counter() - t0)
+    send(b"\x15")
+    settle()
+    return times
+
+
+def bench_console(site: Site, sessions: int, keystrokes: int) -> Result:
+    ours: list[float] = []
+    base: list[float] = []
+    every: dict[str, list[float]] = {"ws": [], "libvirt": []}
+    for i in range(sessions):
+        for which in ("ws", "libvirt") if i % 2 == 0 else ("libvirt", "ws"):
+            with websocket_console(site) if which == "ws" else libvirt_console(site) as console:
+                times = [t * 1000 for t in echo_times(console, keystrokes)]
+            every[which] += times
+            (ours if which == "ws" else base).append(statistics.median(times))
+        log(f"console session pair {i + 1}: echo median {ours[-1]:.2f} ms through the WebSocket, "
+            f"{base[-1]:.2f} ms on libvirt's stream in-process")
+
+    def p90(xs: list[float]) -> float:
+        return statistics.quantiles(xs, n=10)[-1]
+
+    ws_median, lv_median = statistics.median(every["ws"]), statistics.median(every["libvirt"])
+    return Result(
+        "console keystroke echo through the API's WebSocket", "libvirt's console stream (virDomainOpenConsole) "
+        f"opened in-process; median per session of {keystrokes} keystrokes", "ms", ours, base,
+        "median ratio <= 3 and median under 50 ms", 3.0,
+        notes=f"all {len(every['ws'])} keystrokes of each: WebSocket median {ws_median:.2f} ms (p90 "
+              f"{p90(every['ws']):.2f}), in-process median {lv_median:.2f} ms (p90 {p90(every['libvirt']):.2f}): "
+              f"the API adds {ws_median - lv_median:.2f} ms; under 50 ms: {'met' if ws_median < 50 else 'missed'}. "
+              "One letter typed at getty's login prompt on ttyS0 (busybox getty echoes it itself) until its "
+              "echo arrives; wss:// (TLS) on 127.0.0.1, a session opened per measurement").finish()
+
+
 def draw(timeline: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -514,23 +857,61 @@ def machine() -> str:
     return f"{os.cpu_count()} x {cpu}, {mem} GiB, TCG (no usable KVM)"
 
 
-def write(results: list[Result], extra: dict[str, Any]) -> None:
-    data = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+def merged(fresh: list[Result], date: str) -> tuple[list[Result], dict[str, Any]]:
+    """This run's rows in place of the previous results.json's rows of the same name, the others
+    kept with the date they were measured (a run with --only), and the previous extras (timeline)."""
+    path = OUT / "results.json"
+    old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    for r in fresh:
+        r.measured = date
+    new = {r.name: r for r in fresh}
+    rows = []
+    for row in old.get("results", []):
+        if row["name"] in new:
+            rows.append(new.pop(row["name"]))
+        else:
+            kept = Result(**{k: v for k, v in row.items() if k in Result.__dataclass_fields__})
+            kept.measured = kept.measured or str(old.get("date", ""))
+            rows.append(kept)
+    extras = {k: v for k, v in old.items() if k not in ("machine", "date", "results")}
+    return [*rows, *new.values()], extras
+
+
+def write(fresh: list[Result], extra: dict[str, Any]) -> None:
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results, extras = merged(fresh, date)
+    data = {"machine": machine(), "date": date,
             "results": [{**asdict(r), "median_ratio": r.median, "min_ratio": min(r.ratios, default=None),
-                         "max_ratio": max(r.ratios, default=None), "verdict": r.verdict} for r in results], **extra}
+                         "max_ratio": max(r.ratios, default=None), "verdict": r.verdict} for r in results],
+            **extras, **extra}
     (OUT / "results.json").write_text(json.dumps(data, indent=2) + "\n")
-    lines = [f"# Benchmarks ({data['date']})", "", f"Machine: {data['machine']}", "",
+    lines = [f"# Benchmarks (last run {data['date']})", "", f"Machine: {data['machine']}", "",
              "| benchmark | baseline | runs | ours (median) | baseline (median) | median ratio | min | max | "
-             "target | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "target | verdict | measured |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.name} | {r.baseline} | {len(r.ratios)} | {statistics.median(r.ours):.2f} {r.unit} | "
                      f"{statistics.median(r.base):.2f} {r.unit} | " if r.base else
                      f"| {r.name} | {r.baseline} | {len(r.ratios)} | {statistics.median(r.ours):.2f} {r.unit} | - | ")
-        lines[-1] += f"{r.median:.3f} | {min(r.ratios):.3f} | {max(r.ratios):.3f} | {r.target} | {r.verdict} |"
-    lines += ["", *[f"- {r.name}: {r.notes}" for r in results if r.notes], "",
-              "Timeline of the rollout: `bench/rollout.png`.", ""]
+        lines[-1] += (f"{r.median:.3f} | {min(r.ratios):.3f} | {max(r.ratios):.3f} | {r.target} | {r.verdict} | "
+                      f"{r.measured} |")
+    lines += ["", *[f"- {r.name}: {r.notes}" for r in results if r.notes], ""]
+    if data.get("timeline"):
+        lines += ["Timeline of the rollout: `bench/rollout.png`.", ""]
     (OUT / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+BENCHES = ("footprint", "provision", "disks", "rollout", "publish", "relay", "console")
+
+
+def benches(value: str) -> set[str]:
+    """``--only``'s value: benchmark names, comma-separated."""
+    names = {n.strip() for n in value.split(",") if n.strip()}
+    unknown = sorted(names - set(BENCHES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{unknown[0] if unknown else value!r}: accepted: one or more of "
+                                         f"{','.join(BENCHES)}, comma-separated")
+    return names
 
 
 def main() -> int:
@@ -542,28 +923,42 @@ def main() -> int:
     ap.add_argument("--singles", type=int, default=3)
     ap.add_argument("--publish-runs", type=int, default=3)
     ap.add_argument("--reconcile-passes", type=int, default=10)
-    ap.add_argument("--only", choices=["footprint"], help="run only these benchmarks; keep the other results")
+    ap.add_argument("--relay-pairs", type=int, default=3)
+    ap.add_argument("--relay-mib", type=int, default=256, help="size of the file scp copies, MiB")
+    ap.add_argument("--console-sessions", type=int, default=5, help="session pairs (WebSocket, in-process)")
+    ap.add_argument("--keystrokes", type=int, default=50, help="keystrokes timed per console session")
+    ap.add_argument("--only", type=benches, metavar="NAME[,NAME...]", default=set(BENCHES),
+                    help=f"run only these ({','.join(BENCHES)}); results.json keeps the other rows as they were")
     a = ap.parse_args()
+    chosen: set[str] = a.only
+    if "rollout" in chosen and "provision" not in chosen:
+        ap.error("--only: rollout needs provision too (the swap downtime's baseline is its bare boot)")
     for ref in ("tiny-1.0", "tiny-1.1"):
         if not (IMAGES / f"{ref}.qcow2").exists():
             sys.exit(f"bench: {IMAGES / ref}.qcow2 missing; run make images")
-    if a.only == "footprint":
-        old = json.loads((OUT / "results.json").read_text())
-        kept = [Result(**{k: v for k, v in r.items() if k in Result.__dataclass_fields__})
-                for r in old["results"] if not r["name"].startswith(("reconcile", "daemon"))]
-        write([*kept, *bench_footprint(a.reconcile_passes)], {"timeline": old.get("timeline")})
-        shutil.rmtree(WORK, ignore_errors=True)
-        return 0
     results: list[Result] = []
-    results += bench_footprint(a.reconcile_passes)
-    prov, bare = bench_provision(a.pairs)
-    results.append(prov)
-    results.append(bench_disks(a.disk_pairs))
-    swap, roll, timeline = bench_rollout(a.vms, a.max_unavailable, a.singles, bare)
-    results += [swap, roll]
-    results.append(bench_publish(a.publish_runs))
-    draw(timeline, OUT / "rollout.png")
-    write(results, {"timeline": timeline})
+    extra: dict[str, Any] = {}
+    if "footprint" in chosen:
+        results += bench_footprint(a.reconcile_passes)
+    if "provision" in chosen:
+        prov, bare = bench_provision(a.pairs)
+        results.append(prov)
+    if "disks" in chosen:
+        results.append(bench_disks(a.disk_pairs))
+    if "rollout" in chosen:
+        swap, roll, timeline = bench_rollout(a.vms, a.max_unavailable, a.singles, bare)
+        results += [swap, roll]
+        draw(timeline, OUT / "rollout.png")
+        extra["timeline"] = timeline
+    if "publish" in chosen:
+        results.append(bench_publish(a.publish_runs))
+    if chosen & {"relay", "console"}:
+        with api_site("access") as site:
+            if "relay" in chosen:
+                results += bench_relay(site, a.relay_pairs, a.relay_mib * MiB)
+            if "console" in chosen:
+                results.append(bench_console(site, a.console_sessions, a.keystrokes))
+    write(results, extra)
     shutil.rmtree(WORK, ignore_errors=True)
     return 0
 
