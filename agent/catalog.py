@@ -29,6 +29,9 @@ from agent.version import Track, Version
 
 CHUNK = 4 << 20
 Progress = Callable[[int, int], None]
+# The journal entry of a publish's rollout trigger: written with the publish, before the image is
+# recorded, and cleared by ``Rollouts.on_publish`` (or its recovery, which calls it).
+TRIGGER = "rollout-trigger"
 
 
 class Source(Protocol):
@@ -65,7 +68,7 @@ class Catalog:
 
     # publish -------------------------------------------------------------------------------
     def publish(self, image: Path, manifest_path: Path | None = None,
-                progress: Progress | None = None) -> ImageRow:
+                progress: Progress | None = None, rollout: str | None = None) -> ImageRow:
         manifest_path = manifest_path or default_manifest_path(image)
         m = load_manifest(manifest_path)
         if image.is_symlink():
@@ -77,12 +80,16 @@ class Catalog:
         except OSError as e:
             raise ImageRefused(f"{image}: cannot open ({e.strerror})") from e
         with open(fd, "rb") as src:
-            return self.publish_stream(src, m, str(image), os.fstat(fd).st_size, progress)
+            return self.publish_stream(src, m, str(image), os.fstat(fd).st_size, progress, rollout)
 
     def publish_stream(self, src: Source, m: Manifest, shown: str, size: int | None = None,
-                       progress: Progress | None = None) -> ImageRow:
+                       progress: Progress | None = None, rollout: str | None = None) -> ImageRow:
         """Publish the image read from ``src`` (a file, an upload) under manifest ``m``; refusals
-        name ``shown``. Its bytes are hashed while copied into the store, once."""
+        name ``shown``. Its bytes are hashed while copied into the store, once.
+
+        ``rollout``: the publish's rollout policy (auto, manual). Given, its trigger is journaled
+        (``TRIGGER``) before the image is recorded and left open for ``Rollouts.on_publish``,
+        which the caller calls next: a crash between the two still gets the rollout started."""
         if self.state.image(m.name, m.version) is not None:
             raise Conflict(f"image {m.ref}: already in the catalog (published images never change)")
         head, header = self._check_before_copy(src, m, shown, size)
@@ -92,7 +99,8 @@ class Catalog:
         final.parent.mkdir(mode=0o755, exist_ok=True)
         tmp = final.parent / f".{final.name}.{os.getpid()}.{threading.get_native_id()}.tmp"
         intent = self.state.begin("publish", m.ref, {"tmp": str(tmp), "final": str(final)})
-        linked = False
+        trigger = None if rollout is None else self.state.begin(TRIGGER, m.ref, {"policy": str(rollout)})
+        linked = recorded = False
         try:
             digest = _copy_hashing(head, src, tmp, size, qcow2.max_file_size(self.cfg.max_virtual_size), shown,
                                    progress)
@@ -113,10 +121,13 @@ class Catalog:
             row = ImageRow(m.name, m.version, m.family, m.parsed_version.minor, digest, str(final),
                            header.size, ImageState.ACTIVE, m.model_dump(mode="json"), self.state.clock())
             self.state.add_image(row)
+            recorded = True
             fault("publish.recorded")
             self.state.event("image.published", f"{m.ref} sha256={digest[:12]} firmware={m.firmware}")
             return row
         except BaseException:
+            if trigger is not None and not recorded:
+                self.state.done(trigger)
             if linked and self.state.image(m.name, m.version) is None:
                 final.unlink(missing_ok=True)
             tmp.unlink(missing_ok=True)  # now, not in `finally`: the directories below must be empty

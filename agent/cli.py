@@ -126,7 +126,9 @@ def images_publish(
         with Progress(TextColumn("publish"), BarColumn(), DownloadColumn(), TimeElapsedColumn(), console=err,
                       transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("copy", total=None)
-            row = host.catalog.publish(file, manifest, progress=lambda d, t: bar.update(task, completed=d, total=t))
+            policy = host.rollouts.policy(policy)
+            row = host.catalog.publish(file, manifest, progress=lambda d, t: bar.update(task, completed=d, total=t),
+                                       rollout=policy)
         out.print(f"published {row.ref} (family {row.family}, sha256 {row.sha256[:16]}…) -> {row.path}")
         ro = host.rollouts.on_publish(row, policy)
         if ro is not None:

@@ -461,9 +461,10 @@ class Daemon:
     def _publish_from_inbox(self, image: Path, manifest: Path) -> None:
         try:
             with self.locked() as host:
-                row = host.catalog.publish(image, manifest)
+                policy = host.rollouts.policy()  # journaled with the publish: its rollout survives a crash
+                row = host.catalog.publish(image, manifest, rollout=policy)
                 host.state.event("image.inbox", f"{row.ref} published from the inbox")
-                host.rollouts.on_publish(row)
+                host.rollouts.on_publish(row, policy)
         except Exception as e:
             if not isinstance(e, HvError):
                 log.exception("inbox: publishing %s", one_line(image.name))

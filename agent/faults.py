@@ -24,16 +24,18 @@ POINTS: tuple[str, ...] = (
     "destroy.journaled", "destroy.domain-gone", "destroy.files-gone",
     # purge of a kept data disk
     "purge-disk.journaled", "purge-disk.file-gone",
-    # publish
-    "publish.copied", "publish.checked", "publish.linked", "publish.recorded",
+    # publish, and the rollout it triggers (the image recorded, its rollout not yet planned)
+    "publish.copied", "publish.checked", "publish.linked", "publish.recorded", "rollout.trigger",
     # swap (one VM of a rollout) and its rollback
     "swap.journaled", "swap.prepared", "swap.shutoff", "swap.defined", "swap.started", "swap.parked",
     "swap.committed",
     "rollback.marked", "rollback.defined",
     # a rollout's canary boot
     "canary.started",
-    # retirement and garbage collection
-    "retire.recorded", "gc.journaled", "gc.row-deleted",
+    # retirement (a pinned VM's move: swapped, its event not yet written) and garbage collection
+    "retire.recorded", "retire.moved", "gc.journaled", "gc.row-deleted",
+    # a key pair: the first of its two files in place
+    "keypair.first-written",
     # a tenant's stop: journaled and marked stopping, the host lock let go, the guest not yet asked
     "stop.journaled",
 )

@@ -215,7 +215,8 @@ def wait_healthy(ep: Endpoint, agent_key: str, expected_version_id: str, command
 
     Failures that never fix themselves end the wait at once: a guest presenting another host
     key, and a guest that ``halted()`` says QEMU stopped (paused after an emulation or I/O
-    error, crashed); it is asked before each probe.
+    error, crashed, or shut off: a QEMU that died, a guest that powered off); it is asked
+    before each probe.
     """
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(timeout),

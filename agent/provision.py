@@ -110,6 +110,7 @@ class Provisioner:
                     spec.model_dump(mode="json"), spec.digest(), now, now)
         disk_intent = None if disk is None else {"owner": disk.owner, "name": disk.name, "path": disk.path,
                                                  "new": kept is None}
+        _ = self.agent_key  # hvagent's own key pair (its seed needs it): made before anything of the VM is
         intent = self.state.begin("provision", spec.name, {"root": str(paths.root), "disk": disk_intent})
         fault("provision.journaled")
         try:
@@ -334,11 +335,13 @@ class Provisioner:
         finally:
             self.state.park([intent], parked=False)
         now = self.state.vm(name)
-        if now is None or now.state is not VmState.STOPPING:  # another operation took it meanwhile
+        if now is None or now.state is not VmState.STOPPING:  # another operation (a swap) took it meanwhile
             self.state.done(intent)
-            if error is not None:
-                raise error
-            return self.row(name)
+            if now is None:
+                raise NotFound(f"vm {name}: destroyed while it stopped")
+            self.state.event("vm.stop-failed", f"{now.state} by another operation while it stopped", vm=name)
+            raise Conflict(f"vm {name}: {now.state} by another operation while it stopped; stop it again once it "
+                           "settles")
         if error is None:
             self._stopped(name, by, "shut down" if clean else "forced off after the shutdown timeout")
         elif self._off(name):

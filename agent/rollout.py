@@ -33,7 +33,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from agent.canary import Canary, Fault
-from agent.catalog import Catalog
+from agent.catalog import TRIGGER, Catalog
 from agent.config import Config
 from agent.errors import Conflict, HvError, InputError, NotFound
 from agent.faults import point as fault
@@ -49,6 +49,7 @@ from agent.state import (
     StepState,
     VmRow,
     VmState,
+    holder_id,
 )
 from agent.swap import Swapper
 from agent.version import Track, Version
@@ -178,8 +179,26 @@ class Rollouts:
                            hint="free room, or run this rollout without the canary: hvagent rollout start "
                                 "--no-canary") from e
 
+    def policy(self, asked: Policy | None = None) -> Policy:
+        """A publish's rollout policy: the one it asked for, else the configuration's."""
+        return asked or Policy(self.cfg.rollout_policy)
+
     def on_publish(self, image: ImageRow, policy: Policy | None = None) -> RolloutRow | None:
-        """The publish trigger: a new newest version starts a rollout (policy auto)."""
+        """The publish trigger: a new newest version starts a rollout (policy auto).
+
+        The publish journaled it (``Catalog.publish``'s ``rollout``) before recording the image;
+        its entry is cleared here once the rollout is planned or found not needed, so a crash in
+        between leaves it to ``recover``, which calls this again."""
+        try:
+            fault("rollout.trigger")
+            return self._on_publish(image, policy)
+        finally:
+            me = holder_id()
+            for it in self.state.pending():
+                if it.op == TRIGGER and it.target == image.ref and it.holder == me:
+                    self.state.done(it.id)
+
+    def _on_publish(self, image: ImageRow, policy: Policy | None) -> RolloutRow | None:
         newest = self.catalog.resolve(Track(image.name, image.family, None))
         if newest.version != image.version:
             self.state.event("rollout.none", f"{image.ref} is not the newest usable version of its family "
@@ -187,7 +206,7 @@ class Rollouts:
             return None
         if not self.followers(image.name, image.family):
             return None
-        if (policy or Policy(self.cfg.rollout_policy)) is Policy.MANUAL:
+        if self.policy(policy) is Policy.MANUAL:
             self.state.event("rollout.waiting", f"{image.ref} published; policy manual: "
                              f"hvagent rollout start {image.name}-{image.family}")
             return None
@@ -211,6 +230,9 @@ class Rollouts:
         assert ro is not None
         if ro.state is not RolloutState.RUNNING:
             say(f"rollout {rid}: {ro.state}")
+            return False
+        if self._settle(ro):
+            say(f"rollout {rid}: a swap cut short awaits its recovery")
             return False
         pending = [s for s in self.state.steps(rid) if s.state is StepState.PENDING]
         if not pending:
@@ -238,7 +260,7 @@ class Rollouts:
                     Version.parse(vm.version) >= Version.parse(ro.target):
                 self.state.set_step(rid, s.vm, StepState.SKIPPED, reason="no longer on the track or newer")
                 continue
-            if vm.state is VmState.STOPPED:  # its tenant's intent: a rollout never starts it
+            if vm.state in (VmState.STOPPED, VmState.STOPPING):  # its tenant's intent: never started by us
                 self.state.set_step(rid, s.vm, StepState.SKIPPED, reason=STOPPED_SKIP)
                 self.state.event("swap.skipped", f"stopped: not started for {ro.name}-{ro.target}", vm=s.vm)
                 continue
@@ -257,7 +279,12 @@ class Rollouts:
             return True
         t0 = self.clock()
         say(f"rollout {rid}, batch {batch + 1}: {', '.join(names)} -> {ro.target}")
-        outcomes = self.swapper.swap_batch(names, target, say)
+        try:
+            outcomes = self.swapper.swap_batch(names, target, say)
+        except Exception as e:  # before or between its swaps: none of them reported an outcome
+            self._settle(ro, f"swap to {ro.target} failed: {e.message if isinstance(e, HvError) else repr(e)}; "
+                         "tried again on the rollout's next pass")
+            raise
         image_faults = [o for o in outcomes if not o.ok and o.fault is Fault.IMAGE]
         host_faults = [o for o in outcomes if not o.ok and o.fault is Fault.HOST]
         for o in outcomes:
@@ -367,20 +394,53 @@ class Rollouts:
 
     def recover(self) -> None:
         """Steps a crash left ``swapping``: done if the VM reached the target, else pending again.
+        Then the rollouts of publishes a crash cut off from their trigger (``on_publish``).
 
-        Call after ``Swapper.recover`` has settled each VM (committed or rolled back).
+        Call after ``Swapper.recover`` and ``Canary.recover`` have settled each VM and canary.
         """
-        in_flight = {it.target for it in self.state.pending() if it.op == "swap" and it.in_flight}
+        canary_in_flight = any(it.op == "canary" and it.in_flight for it in self.state.pending())
         for ro in self.state.rollouts(active_only=True):
-            for s in self.state.steps(ro.id):
-                if s.state is not StepState.SWAPPING or s.vm in in_flight:  # the latter: a live process's
-                    continue
-                vm = self.state.vm(s.vm)
-                if vm is not None and vm.version == ro.target:
-                    self.state.set_step(ro.id, s.vm, StepState.DONE, finished_at=self.clock())
-                else:
-                    self.state.set_step(ro.id, s.vm, StepState.PENDING)
-                self.state.event("rollout.recovered", f"rollout {ro.id}: step of {s.vm} settled after a crash")
+            self._settle(ro, recovered=True)
+            if ro.canary == "running" and not canary_in_flight:  # its canary was removed: boot another
+                self.state.set_canary(ro.id, "pending")
+                self.state.event("rollout.recovered", f"rollout {ro.id}: canary cut short by a crash; booted again")
+        for it in self.state.orphaned():
+            if it.op != TRIGGER:
+                continue
+            name, _, version = it.target.rpartition("-")
+            image = self.state.image(name, version)
+            try:
+                if image is not None:  # else the publish was undone: nothing to roll out
+                    planned = self.on_publish(image, Policy(it.intent["policy"]))
+                    self.state.event("rollout.recovered", f"{it.target}: published before a crash; " + (
+                        f"rollout {planned.id} planned" if planned else "no rollout needed or policy manual"))
+            except HvError as e:  # a rollout of the family under way, no room for a canary...
+                self.state.event("rollout.recovered", f"{it.target}: published before a crash; no rollout: "
+                                 f"{e.message}")
+            finally:
+                self.state.done(it.id)
+
+    def _settle(self, ro: RolloutRow, reason: str | None = None, recovered: bool = False) -> bool:
+        """Settle the rollout's ``swapping`` steps whose swap has no open journal entry (it ended,
+        or failed before writing one): done if the VM reached the target, else pending again, with
+        ``reason``. True when some step's swap still has an entry (in flight, or for recovery)."""
+        swaps = {it.target: it for it in self.state.pending() if it.op == "swap"}
+        waiting = False
+        for s in self.state.steps(ro.id):
+            if s.state is not StepState.SWAPPING:
+                continue
+            if s.vm in swaps and (swaps[s.vm].in_flight or not recovered):
+                waiting = True  # a live process's swap, or one Swapper.recover settles first
+                continue
+            vm = self.state.vm(s.vm)
+            if vm is not None and vm.version == ro.target:
+                self.state.set_step(ro.id, s.vm, StepState.DONE, finished_at=self.clock())
+            else:
+                self.state.set_step(ro.id, s.vm, StepState.PENDING, reason=reason)
+            if recovered or s.reason != reason:  # a failure that repeats on every pass is told once
+                self.state.event("rollout.recovered", f"rollout {ro.id}: step of {s.vm} settled "
+                                 + ("after a crash" if recovered else f"({reason or 'its swap ended'})"))
+        return waiting
 
     def _find(self, family: str | None) -> RolloutRow:
         if family is not None:
@@ -467,12 +527,14 @@ class Rollouts:
                 window = self.window_of(vm)
                 if window is not None and not window.is_open(self.clock()):
                     continue  # moved once its maintenance window opens
-                if vm.state is VmState.STOPPED:
+                if vm.state in (VmState.STOPPED, VmState.STOPPING):
                     continue  # its tenant's intent: a retirement move never starts it
                 say(f"{vm.name}: {image.ref} retired, moving to {target.ref}")
-                [outcome] = self.swapper.swap_batch([vm.name], target, say)
+                # the new pin is journaled with the swap and committed with its version: a crash
+                # never leaves the VM on the new version pinned to the retired one, or the reverse
+                [outcome] = self.swapper.swap_batch([vm.name], target, say, track=f"{target.name}-{target.version}")
                 if outcome.ok:
-                    self.state.update_vm(vm.name, track=f"{target.name}-{target.version}")
+                    fault("retire.moved")
                     self.state.event("retire.moved", f"{image.ref} -> {target.ref} (now pinned to it)", vm=vm.name,
                                      duration=outcome.downtime)
                 else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import os
@@ -13,6 +14,8 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.faults import point as fault
 
 
 @dataclass(frozen=True)
@@ -36,19 +39,73 @@ def fingerprint(public_key: str) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
+def _pub(path: Path) -> Path:
+    return path.with_name(path.name + ".pub")
+
+
+def _write_temp(path: Path, text: str, mode: int) -> Path:
+    """A temporary file beside PATH holding ``text``, created with ``mode`` (never wider), fsynced."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def write_keypair(kp: KeyPair, path: Path) -> None:
-    """Write PATH (0600) and PATH.pub without a moment of wider permissions."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(kp.private)
-    path.with_name(path.name + ".pub").write_text(kp.public + "\n")
+    """Write PATH (0600) and PATH.pub, each whole or not at all. PATH is linked into place only
+    if there is none (FileExistsError otherwise: one of two concurrent writers wins), then PATH.pub
+    replaced; ``load_or_create_keypair`` derives a PATH.pub that a crash in between left missing."""
+    tmp = _write_temp(path, kp.private, 0o600)
+    try:
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fault("keypair.first-written")
+    os.replace(_write_temp(_pub(path), kp.public + "\n", 0o644), _pub(path))
+    _fsync_dir(path.parent)
+
+
+def public_of(private: str, comment: str) -> str:
+    """The OpenSSH public key line of an OpenSSH private key, with ``comment``."""
+    key = serialization.load_ssh_private_key(private.encode(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("not an Ed25519 key")
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                         serialization.PublicFormat.OpenSSH).decode() + f" {comment}"
 
 
 def load_or_create_keypair(path: Path, comment: str) -> KeyPair:
+    """The key pair at PATH, made if there is no private key. PATH.pub is healed from the private
+    key where it is missing or another key's (a crash between the two files)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_keypair(new_ed25519(comment), path)
-    return KeyPair(path.read_text(), path.with_name(path.name + ".pub").read_text().strip())
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile: use that one
+            write_keypair(new_ed25519(comment), path)
+    private = path.read_text()
+    try:
+        public = _pub(path).read_text().strip()
+    except FileNotFoundError:
+        public = ""
+    derived = public_of(private, comment)
+    if public.split()[:2] != derived.split()[:2]:
+        public = derived
+        os.replace(_write_temp(_pub(path), public + "\n", 0o644), _pub(path))
+    return KeyPair(private, public)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Literal(str):

@@ -552,6 +552,16 @@ class State:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    def advance(self, intent_id: int, **fields: Any) -> None:
+        """Record in an open entry how far its operation got (merged into its intent), before the
+        operation takes that step, so recovery knows what it has to undo."""
+        with self.tx() as db:
+            r = db.execute("SELECT intent FROM journal WHERE id=?", (intent_id,)).fetchone()
+            if r is None:
+                raise ValueError(f"journal entry {intent_id} is not open")
+            db.execute("UPDATE journal SET intent=? WHERE id=?", (json.dumps(json.loads(r["intent"]) | fields),
+                                                                  intent_id))
+
     def done(self, intent_id: int) -> None:
         self.db.execute("DELETE FROM journal WHERE id=?", (intent_id,))
 

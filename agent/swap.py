@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from agent.canary import Fault
 from agent.catalog import Catalog
@@ -37,7 +38,7 @@ from agent.provision import Provisioner, VmPaths, make_overlay
 from agent.spec import VmSpec
 from agent.state import HostLock, ImageRow, ImageState, State, VmRow, VmState
 from agent.version import Version
-from agent.virt import Virt
+from agent.virt import ShutdownPath, Virt
 
 Say = Callable[[str], None]
 
@@ -82,9 +83,14 @@ class Swapper:
             raise InputError(f"vm {vm.name}: runs {vm.image}-{vm.version}; {target.ref} is another family, "
                              "and a VM never moves across families")
 
-    def swap_batch(self, names: list[str], target: ImageRow, say: Say = lambda _: None) -> list[Outcome]:
+    def swap_batch(self, names: list[str], target: ImageRow, say: Say = lambda _: None,
+                   track: str | None = None) -> list[Outcome]:
         """Swap ``names`` to ``target`` together; call with the host lock held. The lock is let go
-        while the guests' health is awaited (their tenants decide how long that takes)."""
+        while the guests' health is awaited (their tenants decide how long that takes).
+
+        ``track``: the track the VMs take with the new version (a retirement move pins them to
+        it), journaled with the swap and committed with the version in one update.
+        """
         base = self.catalog.base_for_use(target)
         manifest = Manifest.model_validate(target.manifest)
         accel = self._accel()
@@ -92,11 +98,15 @@ class Swapper:
         for name in names:
             old = self.prov.row(name)
             self.check_target(old, target)
-            new = dataclasses.replace(old, version=target.version,
+            new = dataclasses.replace(old, version=target.version, track=track or old.track,
                                       instance_id=f"{name}-{secrets.token_hex(4)}")
+            # "down" turns true just before the batch is shut down: until then recovery leaves
+            # the guest running as it was and only removes what was prepared
             intent = self.state.begin("swap", name, {"from": old.version, "to": target.version,
                                                      "old_instance_id": old.instance_id,
-                                                     "new_instance_id": new.instance_id})
+                                                     "new_instance_id": new.instance_id,
+                                                     "state": old.state.value, "track": new.track,
+                                                     "down": False})
             self.state.update_vm(name, state=VmState.SWAPPING, reason=None)
             self.state.event("swap.start", f"{old.image}-{old.version} -> {target.ref}", vm=name)
             jobs.append(_Job(old, new, intent))
@@ -114,14 +124,17 @@ class Swapper:
                 fault("swap.prepared")
             except HvError as e:
                 outcomes.append(self._not_prepared(job, target, f"could not prepare {target.ref}: {e.message}"))
-        # 2. graceful shutdown of the whole batch (ACPI, then force after the timeout)
+        # 2. graceful shutdown of the whole batch (guest agent, else ACPI; forced after the timeout)
         say(f"shutting down {', '.join(j.old.name for j in prepared)}")
+        for job in prepared:  # journaled before any of them goes down
+            self.state.advance(job.intent, down=True)
         for job in prepared:
             job.t_down = self._clock()
-        self._shutdown_all([j.old.name for j in prepared])
+        paths = self._shutdown_all([j.old.name for j in prepared])
         fault("swap.shutoff")
         for job in prepared:
-            self.state.event("swap.shutoff", f"off after {self._clock() - job.t_down:.1f}s", vm=job.old.name)
+            self.state.event("swap.shutoff", f"off after {self._clock() - job.t_down:.1f}s ({paths[job.old.name]})",
+                             vm=job.old.name)
         # 3. the same identity on the new disk; start
         started: list[_Job] = []
         for job in prepared:
@@ -148,10 +161,14 @@ class Swapper:
         return sorted(outcomes, key=lambda o: order[o.vm])
 
     # -- steps --------------------------------------------------------------------------------
-    def _shutdown_all(self, names: list[str]) -> None:
-        for name in self.virt.shutdown_all(names, self.cfg.shutdown_timeout):
-            self.state.event("swap.forced-off", f"ignored ACPI shutdown for {self.cfg.shutdown_timeout:.0f}s",
-                             vm=name)
+    def _shutdown_all(self, names: list[str]) -> dict[str, ShutdownPath]:
+        """Guest agent where one answers, else ACPI; forced off after ``shutdown_timeout``. How each went."""
+        paths = self.virt.shutdown_all(names, self.cfg.shutdown_timeout)
+        for name in names:
+            if paths[name] is ShutdownPath.FORCED:
+                self.state.event("swap.forced-off", f"still running {self.cfg.shutdown_timeout:.0f}s after its "
+                                 "shutdown request", vm=name)
+        return paths
 
     def _health_phase(self, probes: list[tuple[VmRow, int, str]]) -> list[tuple[str | None, float]]:
         """Health of each (VM, its journal entry, expected VERSION_ID): None when healthy, else why
@@ -198,7 +215,7 @@ class Swapper:
     def _commit(self, job: _Job, target: ImageRow) -> Outcome:
         name = job.old.name
         downtime = (job.t_up or self._clock()) - job.t_down
-        self.state.update_vm(name, version=target.version, instance_id=job.new.instance_id,
+        self.state.update_vm(name, version=target.version, instance_id=job.new.instance_id, track=job.new.track,
                              state=VmState.RUNNING, reason=None)
         fault("swap.committed")
         paths = VmPaths.of(self.cfg, name)
@@ -282,7 +299,8 @@ class Swapper:
         return manifest.expected_version_id
 
     def recover(self) -> None:
-        """A swap interrupted by a crash: committed ones lose their old overlay, others roll back."""
+        """A swap interrupted by a crash: committed ones lose their old overlay; one whose VM never
+        went down loses what was prepared and keeps running untouched; others roll back."""
         restore: list[tuple[VmRow, int, str]] = []
         for it in self.state.orphaned():
             if it.op != "swap":
@@ -291,7 +309,9 @@ class Swapper:
             if row is None:
                 self.state.done(it.id)
                 continue
-            if row.version == it.intent["to"] and row.instance_id == it.intent["new_instance_id"]:
+            if it.intent.get("down") is False:  # (an older version's entry says nothing: restored)
+                self._undo_prepared(row, it.id, it.intent)
+            elif row.version == it.intent["to"] and row.instance_id == it.intent["new_instance_id"]:
                 if it.intent["from"] != row.version:
                     VmPaths.of(self.cfg, row.name).os_disk(it.intent["from"]).unlink(missing_ok=True)
                 self.state.update_vm(row.name, state=VmState.RUNNING)
@@ -303,3 +323,16 @@ class Swapper:
             self.state.update_vm(row.name, state=VmState.RUNNING if reason is None else VmState.FAILED,
                                  reason=reason)
             self.state.event("swap.recovered", f"interrupted swap to {to} settled", vm=row.name)
+
+    def _undo_prepared(self, row: VmRow, intent: int, swap: dict[str, Any]) -> None:
+        """A swap cut short before its batch was shut down: the guest still runs its old overlay
+        under its old domain, so neither is touched. The new overlay goes, and the seed gets the
+        old instance-id back (the next boot must not take the old disk for a new instance)."""
+        paths = VmPaths.of(self.cfg, row.name)
+        if swap["to"] != row.version:
+            paths.os_disk(swap["to"]).unlink(missing_ok=True)
+        self.prov.write_vm_seed(row, paths)
+        self.state.update_vm(row.name, state=VmState(swap.get("state", VmState.RUNNING)), reason=None)
+        self.state.event("swap.recovered", f"interrupted swap to {swap['to']} undone before the VM went down; "
+                         f"it kept running on {row.version}", vm=row.name)
+        self.state.done(intent)

@@ -106,7 +106,8 @@ def images_publish(_: Admin, d: DaemonDep, request: Request, policy: Annotated[P
         m = load_manifest(man)
     shown = _upload_name(_upload_part(form.next_part(last=True), "image").filename, "upload.qcow2")
     with d.locked() as host:
-        row = host.catalog.publish_stream(form, m, shown)
+        policy = host.rollouts.policy(policy)
+        row = host.catalog.publish_stream(form, m, shown, rollout=policy)
         ro = host.rollouts.on_publish(row, policy)
     form.finish()
     d.poke()

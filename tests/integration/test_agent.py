@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -135,7 +138,7 @@ def test_overlay_is_backed_by_catalog_image_and_destroy_cleans_up(host: Host, te
     assert host.state.vms() == [] and host.state.pending() == []
 
 
-def test_a_guest_paused_by_qemu_fails_health_at_once(host: Host, tenant_key: KeyPair) -> None:
+def test_a_guest_paused_by_qemu_or_whose_qemu_died_fails_health_at_once(host: Host, tenant_key: KeyPair) -> None:
     # QEMU pauses a guest it cannot go on with (here KVM's "emulation failure"; a full disk too):
     # the health wait ends on the next probe with that reason instead of after its 90 s.
     host.catalog.publish(image("tiny-1.0"))
@@ -153,6 +156,27 @@ def test_a_guest_paused_by_qemu_fails_health_at_once(host: Host, tenant_key: Key
     assert time.monotonic() - t0 < 30
     row = host.state.vm("t-halt")
     assert row is not None and row.state is VmState.FAILED and "is paused" in (row.reason or "")
+
+    # The same guest going on, its QEMU killed during the wait: under on_crash=destroy the domain
+    # is shut off, not crashed, and the wait ends at once too (it used to last the whole timeout).
+    conn = libvirt.open("qemu:///system")
+    try:
+        conn.lookupByName("t-halt").resume()
+    finally:
+        conn.close()
+    pid = host.virt.qemu_pid("t-halt")
+    assert pid is not None and "guest=t-halt," in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    killer = threading.Timer(3, os.kill, (pid, signal.SIGKILL))  # this guest's QEMU only
+    killer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(HealthError, match=r": the guest's QEMU stopped: shut off \(crashed\)$"):
+            host.provisioner.wait("t-halt")
+    finally:
+        killer.cancel()
+    assert time.monotonic() - t0 < 3 + 10, "the wait went on after QEMU died"
+    row = host.state.vm("t-halt")
+    assert row is not None and row.state is VmState.FAILED and "shut off (crashed)" in (row.reason or "")
 
 
 def test_generated_domains_pass_virt_xml_validate(host: Host, tenant_key: KeyPair, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from agent import config as config_mod
+from agent.errors import HvError
 from agent.faults import ENV, POINTS
 from agent.host import Host
 from agent.provision import VmPaths
@@ -42,7 +43,14 @@ GROUPS = {
     "canary": [p for p in POINTS if p.startswith("canary.")],
     "retire": ["retire.recorded"],
     "gc": [p for p in POINTS if p.startswith("gc.")],
+    # journal gaps (issue 17.6): the publish recorded, its rollout not yet planned; a pinned VM's
+    # retirement move swapped, its new pin not yet written; hvagent's key pair half written
+    "trigger": ["rollout.trigger"],
+    "retire-move": ["retire.moved"],
+    "keypair": ["keypair.first-written"],
 }
+# Points before the batch goes down: recovery must leave the guest running as it was.
+BEFORE_SHUTDOWN = ("swap.journaled", "swap.prepared")
 CASES = [(group, p) for group, points in GROUPS.items() for p in points]
 
 
@@ -104,10 +112,12 @@ def assert_converged(state_dir: Path, data: dict[Path, Path | None]) -> None:
         assert {str(p) for p in cfg.store.rglob("*.qcow2")} == images, "store files and catalog rows differ"
         dirs = {p.name for p in cfg.vm_dir.iterdir()} if cfg.vm_dir.exists() else set()
         assert dirs == set(rows), f"VM directories {dirs} but VMs {set(rows)}"
-        domains = {n for n in host.virt.managed() if n.startswith("crash-")}
+        # this run's domains only: other runs of these tests may have guests on the host meanwhile
+        domains = {n for n in host.virt.managed() if n == f"crash-{state_dir.name}"}
         assert domains == set(rows), f"domains {domains} but VMs {set(rows)}"
         canaries = list((cfg.state_dir / "canary").glob("*"))
-        assert canaries == [] and not any(n.startswith("canary_") for n in host.virt.managed()), "a canary left"
+        assert canaries == [] and not any(n.startswith("canary_") and _uses(host, n, state_dir)
+                                          for n in host.virt.managed()), "a canary left"
         for name, row in rows.items():
             xml = host.virt.xml(name, inactive=True)
             assert row.uuid in xml, "the domain is not the VM's (UUID)"
@@ -154,7 +164,7 @@ def test_kill_at_fault_point_converges(state_dir: Path, group: str, point: str) 
             ok(state_dir, "recover")
             assert_converged(state_dir, {})
             return
-        if group == "provision":
+        if group in ("provision", "keypair"):
             spec = write_spec(state_dir, "tiny-1.*")
             run_killed(state_dir, point, "apply", str(spec), "--no-wait")
             ok(state_dir, "recover")
@@ -162,7 +172,7 @@ def test_kill_at_fault_point_converges(state_dir: Path, group: str, point: str) 
             ok(state_dir, "apply", str(spec), "--no-wait")  # applying again makes exactly one VM
             assert_converged(state_dir, {})
             return
-        spec = write_spec(state_dir, "tiny-1.*")
+        spec = write_spec(state_dir, "tiny-1.0" if group == "retire-move" else "tiny-1.*")
         if group == "destroy":
             ok(state_dir, "apply", str(spec), "--no-wait")
             subprocess.run(["virsh", "destroy", vm], capture_output=True)  # off, so its disk holds still
@@ -185,12 +195,27 @@ def test_kill_at_fault_point_converges(state_dir: Path, group: str, point: str) 
         marker = ok(state_dir, "ssh", vm, "--", "head -c 65536 /dev/urandom > /data/marker && sync && "
                     "sha256sum /data/marker").split()[0]
         target = "tiny-1.2-broken-ssh" if group == "rollback" else "tiny-1.1"
-        run_killed(state_dir, point, "images", "publish", str(image(target)))
+        if group == "retire-move":  # pinned to 1.0: nothing moves until 1.0 is retired
+            ok(state_dir, "images", "publish", str(image(target)))
+            run_killed(state_dir, point, "images", "retire", "tiny-1.0", "--grace", "0", "--policy", "move")
+        elif point in BEFORE_SHUTDOWN:  # the guest never went down: recovery must not touch it
+            pid = qemu_pid(state_dir, vm)
+            run_killed(state_dir, point, "images", "publish", str(image(target)))
+            ok(state_dir, "rollout", "pause")  # so that `recover` settles the swap but does not redo it
+            ok(state_dir, "recover")
+            assert qemu_pid(state_dir, vm) == pid, "recovery restarted a guest that never went down"
+            row = json.loads(hvagent(state_dir, "ps", "--json").stdout)[0]
+            assert (row["state"], row["version"]) == ("running", "1.0"), row
+            ok(state_dir, "rollout", "resume")
+        else:
+            run_killed(state_dir, point, "images", "publish", str(image(target)))
         ok(state_dir, "recover")  # settles the swap, then finishes the rollout
         assert_converged(state_dir, {})
         row = json.loads(hvagent(state_dir, "ps", "--json").stdout)[0]
         assert row["state"] == "running", row
         assert row["version"] == ("1.0" if group == "rollback" else "1.1"), row
+        if group == "retire-move":
+            assert row["track"] == "tiny-1.1", row  # moved and pinned to it, in one step
         seen = ok(state_dir, "ssh", vm, "--", "grep VERSION_ID /etc/os-release; sha256sum /data/marker")
         assert f"VERSION_ID={row['version']}" in seen
         assert marker in seen, "the data disk lost what the tenant wrote"
@@ -223,7 +248,7 @@ def test_restart_is_ready_while_a_rollback_awaits_its_guest(state_dir: Path) -> 
         t0 = time.monotonic()
         d = start_daemon(state_dir, extra={"health_timeout": 900, "shutdown_timeout": 3})
         took = time.monotonic() - t0
-        assert took < 20, f"READY=1 after {took:.0f} s"
+        assert took < 10, f"READY=1 after {took:.0f} s"  # 1.2 s here
         assert d.wait_for("WATCHDOG=1", 5)
         assert d.call("ops", "GET", f"/v1/vms/{vm}").json()["state"] == "swapping"
         deadline = time.monotonic() + 60
@@ -260,6 +285,22 @@ def test_restart_is_ready_while_a_rollback_awaits_its_guest(state_dir: Path) -> 
         config.write_text(re.sub(r"health_timeout: \d+", "health_timeout: 5", config.read_text()))
         hvagent(state_dir, "recover")
         cleanup(state_dir)
+
+
+def _uses(host: Host, domain: str, state_dir: Path) -> bool:
+    """Whether the domain's files are under this run's state directory."""
+    try:
+        return str(state_dir) in host.virt.xml(domain, inactive=True)
+    except HvError:  # gone meanwhile
+        return False
+
+
+def qemu_pid(state_dir: Path, vm: str) -> int | None:
+    host = Host(config_mod.load(state_dir / "config.yaml"))
+    try:
+        return host.virt.qemu_pid(vm)
+    finally:
+        host.close()
 
 
 def _journal(state_dir: Path) -> list[Intent]:

@@ -21,6 +21,7 @@ from agent import config as config_mod
 from agent.provision import VmPaths
 from agent.rollout import STOPPED_SKIP
 from agent.seed import new_ed25519
+from tests.conftest import image
 from tests.integration.daemon_fixture import Daemon, daemon_fixture
 from tests.integration.test_daemon import cli, publish
 
@@ -78,7 +79,8 @@ def test_canary_host_fault_and_a_stopped_vm(daemon: Daemon) -> None:
         # 1.1 published: the canary boots it and passes; A's swap cannot even be prepared (a host
         # fault): the rollout pauses, 1.1 stays active, and A never went down
         before = d.call("ops", "GET", f"/v1/vms/{A}").json()
-        publish(d, "tiny-1.1")
+        r = cli(d, "images", "publish", str(image("tiny-1.1")))  # follows the rollout: a host fault is exit 1
+        assert r.returncode == 1 and f"paused: host fault on {A}: could not prepare tiny-1.1" in r.stderr, r.stderr
         [ro] = rollouts(d)
         ro = wait_rollout(d, ro["id"], ("paused", "halted", "done"))
         assert ro["state"] == "paused" and ro["canary"] == "passed", ro

@@ -19,7 +19,7 @@ import pytest
 
 from agent.domxml import Disk, Domain, DomainType, Firmware, Metadata, UserNet
 from agent.errors import Conflict, EnvError, NotFound
-from agent.virt import START_HINT, DomState, Virt
+from agent.virt import START_HINT, DomState, ShutdownPath, Virt
 from tests.integration.kvm import boots, kvm_runs_real_guests
 
 pytestmark = pytest.mark.integration
@@ -127,6 +127,8 @@ def test_lifecycle(virt: Virt, workdir: Path, domain_name: Callable[[str], str])
     live = virt.xml(name)
     assert "<seclabel type='dynamic' model='dac'" in live
     assert "hostfwd=tcp:127.0.0.1:22342-:22" in live
+    # The guest agent's port is there; nothing in this guest opens it.
+    assert "name='org.qemu.guest_agent.0' state='disconnected'" in live and "<rng model='virtio'>" in live
     # A guest without an OS ignores ACPI: shutdown falls back to destroy and says so.
     assert virt.shutdown(name, timeout=2) is False
     assert virt.state(name) == "shutoff"
@@ -134,9 +136,9 @@ def test_lifecycle(virt: Virt, workdir: Path, domain_name: Callable[[str], str])
     # With DAC's remember_owner, libvirt gives every image its owner back on stop.
     assert {p: _owner(p) for p in (base, overlay, data)} == before
     assert virt.shutdown(name, timeout=2) is True  # already off
-    virt.start(name)  # the batch form (swaps): the names it had to force off
-    assert virt.shutdown_all([name], timeout=1) == [name] and virt.state(name) == "shutoff"
-    assert virt.shutdown_all([name], timeout=1) == []
+    virt.start(name)  # the batch form (swaps): how each went down
+    assert virt.shutdown_all([name], timeout=1) == {name: ShutdownPath.FORCED} and virt.state(name) == "shutoff"
+    assert virt.shutdown_all([name], timeout=1) == {name: ShutdownPath.OFF}
 
     virt.undefine(name)
     assert virt.state(name) == "missing" and name not in virt.managed()

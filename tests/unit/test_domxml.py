@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.domxml import (
+    GUEST_AGENT_PORT,
     GUEST_FILTER,
     HV_NS,
     Disk,
@@ -19,12 +21,15 @@ from agent.domxml import (
     Domain,
     DomainType,
     Firmware,
+    GuestAgentChannel,
     GuestFilter,
     Metadata,
     NetworkNic,
+    Rng,
     UserNet,
     filter_xml,
     from_xml,
+    guest_agent_connected,
     metadata_from_element,
     read_metadata,
     to_xml,
@@ -253,7 +258,19 @@ def test_parses_libvirts_rendering() -> None:
       <log file='{VMDIR}/console.log' append='on'/>
       <target type='isa-serial' port='0'><model name='isa-serial'/></target>
     </serial>
+    <channel type='unix'>
+      <source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-3-web1/org.qemu.guest_agent.0'/>
+      <target type='virtio' name='org.qemu.guest_agent.0' state='connected'/>
+      <alias name='channel0'/>
+      <address type='virtio-serial' controller='0' bus='0' port='1'/>
+    </channel>
+    <rng model='virtio'>
+      <backend model='random'>/dev/urandom</backend>
+      <alias name='rng0'/>
+      <address type='pci' domain='0x0000' bus='0x06' slot='0x00' function='0x0'/>
+    </rng>
     <controller type='pci' index='0' model='pcie-root'/>
+    <controller type='virtio-serial' index='0'/>
   </devices>
   <seclabel type='dynamic' model='dac' relabel='yes'/>
   <qemu:commandline>
@@ -268,6 +285,58 @@ def test_parses_libvirts_rendering() -> None:
     assert dom.disks == (Disk(VMDIR / "os.qcow2", "vda", serial="hv-os", backing=BASE),)
     assert dom.nic == UserNet(MAC, 22001)
     assert dom.metadata == META
+    assert dom.guest_agent == GuestAgentChannel() and dom.rng == Rng()
+    assert guest_agent_connected(xml)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_domain_has_the_guest_agent_port_and_a_virtio_rng(case: str) -> None:
+    devices = ET.fromstring(to_xml(CASES[case])).find("devices")
+    assert devices is not None
+    [channel] = devices.findall("channel")
+    assert channel.get("type") == "unix" and channel.find("source") is None  # libvirt picks the socket
+    target = channel.find("target")
+    assert target is not None and target.attrib == {"type": "virtio", "name": GUEST_AGENT_PORT}
+    [rng] = devices.findall("rng")
+    backend = rng.find("backend")
+    assert rng.get("model") == "virtio" and backend is not None
+    assert (backend.get("model"), backend.text) == ("random", "/dev/urandom")
+
+
+def test_a_domain_without_them_round_trips_without_them() -> None:
+    bare = dataclasses.replace(CASES["bios-usernet"], guest_agent=None, rng=None)
+    xml = to_xml(bare)
+    assert "<channel" not in xml and "<rng" not in xml
+    assert from_xml(xml) == bare
+    assert not guest_agent_connected(xml)
+
+
+def _live(channels: str) -> str:
+    return f"<domain type='qemu' id='7'><name>x</name><devices>{channels}</devices></domain>"
+
+
+@pytest.mark.parametrize(("channels", "connected"), [
+    (f"<channel type='unix'><target type='virtio' name='{GUEST_AGENT_PORT}' state='connected'/></channel>", True),
+    # the port is there, but nothing in the guest opened it (a guest without qemu-ga)
+    (f"<channel type='unix'><target type='virtio' name='{GUEST_AGENT_PORT}' state='disconnected'/></channel>", False),
+    (f"<channel type='unix'><target type='virtio' name='{GUEST_AGENT_PORT}'/></channel>", False),  # inactive XML
+    ("<channel type='unix'><target type='virtio' name='org.libguestfs.channel.0' state='connected'/></channel>",
+     False),  # another program's port
+    ("<channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0' state='connected'/></channel>"
+     f"<channel type='unix'><target type='virtio' name='{GUEST_AGENT_PORT}' state='connected'/></channel>", True),
+    ("", False),  # a domain defined before the port was added
+])
+def test_guest_agent_is_connected_only_when_the_guest_opened_its_port(channels: str, connected: bool) -> None:
+    assert guest_agent_connected(_live(channels)) is connected
+
+
+def test_rng_takes_only_a_random_device() -> None:
+    assert Rng().source == Path("/dev/urandom")
+    with pytest.raises(InputError, match="rng"):
+        Rng(Path("/etc/shadow"))
+    egd = ET.fromstring("<rng model='virtio'><backend model='egd' type='tcp'/></rng>")
+    with pytest.raises(InputError, match="rng"):
+        Rng.parse(egd)
 
 
 def test_from_xml_refuses_foreign_domains() -> None:

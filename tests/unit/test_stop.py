@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent.config import Config
-from agent.errors import EnvError
+from agent.errors import Conflict, EnvError
 from agent.provision import Provisioner
 from agent.state import HostLock, State, VmRow, VmState
 from agent.virt import DomState
@@ -22,15 +22,18 @@ pytestmark = pytest.mark.unit
 class Domain:
     """The one domain's state, and a shutdown that powers it off or fails as told."""
 
-    def __init__(self, lock: HostLock, state: State, fail: Exception | None = None, off_anyway: bool = False) -> None:
+    def __init__(self, lock: HostLock, state: State, fail: Exception | None = None, off_anyway: bool = False,
+                 meanwhile: VmState | None = None) -> None:
         self.dom = DomState.RUNNING
-        self.lock, self.db, self.fail, self.off_anyway = lock, state, fail, off_anyway
+        self.lock, self.db, self.fail, self.off_anyway, self.meanwhile = lock, state, fail, off_anyway, meanwhile
         self.seen: list[tuple[bool, VmState, bool]] = []  # lock held, VM state, entry parked: during shutdown
 
     def shutdown(self, name: str, timeout: float) -> bool:
         row = self.db.vm(name)
         assert row is not None
         self.seen.append((self.lock.held, row.state, all(it.parked for it in self.db.pending())))
+        if self.meanwhile is not None:  # another operation takes the VM while the lock is free
+            self.db.update_vm(name, state=self.meanwhile)
         if self.fail is not None:
             if self.off_anyway:
                 self.dom = DomState.SHUTOFF
@@ -90,6 +93,16 @@ def test_a_failure_after_the_domain_went_off_is_a_stop(host: tuple[State, HostLo
         row = provisioner(cfg, state, dom).stop("v", by="alice", lock=lock)
     assert row.state is VmState.STOPPED
     assert kinds(state) == ["vm.stopping", "vm.stopped"] and state.pending() == []
+
+
+def test_a_vm_another_operation_took_meanwhile_is_left_to_it(host: tuple[State, HostLock, Config]) -> None:
+    state, lock, cfg = host
+    dom = Domain(lock, state, meanwhile=VmState.SWAPPING)
+    with lock, pytest.raises(Conflict, match="swapping by another operation while it stopped"):
+        provisioner(cfg, state, dom).stop("v", by="alice", lock=lock)
+    row = state.vm("v")
+    assert row is not None and row.state is VmState.SWAPPING
+    assert kinds(state) == ["vm.stopping", "vm.stop-failed"] and state.pending() == []
 
 
 @pytest.mark.parametrize(("dom_state", "after", "event"), [
