@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from agent.catalog import Catalog
-from agent.config import Config
-from agent.domxml import Disk, Domain, DomainType, Firmware, Metadata, UserNet
+from agent.domxml import Disk, Domain, Firmware, Metadata, UserNet
 from agent.errors import HealthError, HvError
 from agent.faults import point as fault
 from agent.health import Endpoint, wait_healthy
 from agent.manifest import Manifest
-from agent.provision import Provisioner, VmPaths, make_overlay
+from agent.parts import HostParts
+from agent.provision import VmPaths, make_overlay
 from agent.seed import meta_data, new_ed25519, user_data, write_keypair, write_seed
-from agent.state import HostLock, ImageRow, State
-from agent.virt import Virt
+from agent.state import ImageRow
 
 Say = Callable[[str], None]
 
@@ -54,19 +51,7 @@ class Verdict:
     seconds: float = 0.0
 
 
-class Canary:
-    def __init__(self, cfg: Config, state: State, catalog: Catalog, virt: Virt, prov: Provisioner,
-                 accel: Callable[[], DomainType], lock: HostLock,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.cfg = cfg
-        self.state = state
-        self.catalog = catalog
-        self.virt = virt
-        self.prov = prov
-        self._accel = accel
-        self.lock = lock
-        self._clock = clock
-
+class Canary(HostParts):
     def boot(self, target: ImageRow, cpus: int, memory: int, timeout: float, say: Say = lambda _: None) -> Verdict:
         """Boot ``target`` once on a throwaway VM and await its health; call with the host lock held."""
         name = f"canary_{secrets.token_hex(4)}"

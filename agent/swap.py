@@ -20,25 +20,22 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from agent.canary import Fault
-from agent.catalog import Catalog
-from agent.config import Config
-from agent.domxml import DomainType
 from agent.errors import HealthError, HvError, InputError, NotFound
 from agent.faults import point as fault
 from agent.health import Endpoint, wait_healthy
 from agent.manifest import Manifest
-from agent.provision import Provisioner, VmPaths, make_overlay
+from agent.parts import HostParts
+from agent.provision import VmPaths, make_overlay
 from agent.spec import VmSpec
-from agent.state import HostLock, ImageRow, ImageState, State, VmRow, VmState
+from agent.state import ImageRow, ImageState, VmRow, VmState
 from agent.version import Version
-from agent.virt import ShutdownPath, Virt
+from agent.virt import ShutdownPath
 
 Say = Callable[[str], None]
 
@@ -64,19 +61,7 @@ class _Job:
     t_up: float | None = None  # when this VM passed its health check (stamped in its own thread)
 
 
-class Swapper:
-    def __init__(self, cfg: Config, state: State, catalog: Catalog, virt: Virt, prov: Provisioner,
-                 accel: Callable[[], DomainType], lock: HostLock,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.cfg = cfg
-        self.state = state
-        self.catalog = catalog
-        self.virt = virt
-        self.prov = prov
-        self._accel = accel
-        self.lock = lock
-        self._clock = clock
-
+class Swapper(HostParts):
     def check_target(self, vm: VmRow, target: ImageRow) -> None:
         """Invariant 4: no swap crosses families (or image lineages)."""
         if vm.image != target.name or Version.parse(vm.version).family != target.family:

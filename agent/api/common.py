@@ -6,7 +6,9 @@ A tenant asking for another tenant's VM gets the same 404 as for a VM that does 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+import asyncio
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi import Path as PathParam
@@ -20,6 +22,8 @@ from agent.state import DiskRow, RolloutRow, VmRow
 
 if TYPE_CHECKING:
     from agent.host import Host
+
+T = TypeVar("T")
 
 NAME = NAME_RE.pattern  # the spec's VM-name pattern, for OpenAPI
 
@@ -109,3 +113,17 @@ def validation_line(errors: Any) -> str:
     loc = [str(p) for p in err.get("loc", ())[1 if err.get("loc", ("",))[0] == "body" else 0:]]
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
     return f"{'.'.join(loc) or 'body'}: {msg}"
+
+
+# -- streams -----------------------------------------------------------------------------------
+async def first_done(*coros: Coroutine[Any, Any, T]) -> T | BaseException:
+    """Run both directions of a stream until one ends; cancel the others and wait for them.
+    The first one's result, or what it raised (a caller that went away, a broken pipe)."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    return results[tasks.index(done.pop())]

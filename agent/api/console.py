@@ -22,7 +22,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from agent.api.common import caller, own
+from agent.api.common import caller, first_done, own
 from agent.errors import InputError, NotFound
 from agent.spec import NAME_RE
 from agent.state import logfmt
@@ -122,14 +122,7 @@ async def _pump(websocket: WebSocket, console: ConsoleStream, counts: list[int])
 
     reader = threading.Thread(target=read, name="console-recv", daemon=True)
     reader.start()
-    tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-    result = results[tasks.index(done.pop())]
+    result = await first_done(up(), down())
     if isinstance(result, tuple):
         return result
     if isinstance(result, WebSocketDisconnect):

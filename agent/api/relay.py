@@ -21,7 +21,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from agent.api.common import caller, own
+from agent.api.common import caller, first_done, own
 from agent.errors import Conflict, EnvError, InputError, NotFound
 from agent.spec import NAME_RE
 from agent.state import VmState, logfmt
@@ -111,15 +111,7 @@ async def _pump(websocket: WebSocket, reader: asyncio.StreamReader, writer: asyn
             counts[1] += len(data)
         return NORMAL
 
-    tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-    first = done.pop()
-    result = results[tasks.index(first)]
+    result = await first_done(up(), down())
     if isinstance(result, int):
         return result
     if isinstance(result, WebSocketDisconnect):
