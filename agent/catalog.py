@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from agent import imageinfo, qcow2
+from agent import files, imageinfo, qcow2
 from agent.config import Config
 from agent.errors import Conflict, EnvError, ImageRefused, InputError, NotFound
 from agent.faults import point as fault
@@ -116,7 +116,7 @@ class Catalog:
             except FileExistsError as e:
                 raise Conflict(f"image {m.ref}: already being published") from e
             linked = True
-            _fsync_dir(final.parent)
+            files.fsync_dir(final.parent)
             fault("publish.linked")
             row = ImageRow(m.name, m.version, m.family, m.parsed_version.minor, digest, str(final),
                            header.size, ImageState.ACTIVE, m.model_dump(mode="json"), self.state.clock())
@@ -265,11 +265,3 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

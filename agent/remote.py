@@ -16,7 +16,6 @@ import re
 import socket
 import ssl
 import sys
-import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from typing import Any, TextIO, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent import files
 from agent.errors import Conflict, HvError, InputError, NotFound
 from agent.spec import check_name
 
@@ -225,21 +225,7 @@ def save(remotes: Remotes, path: Path | None = None) -> None:
 def write_private(path: Path, text: str) -> None:
     """Replace ``path`` atomically: 0600 from its first byte, in a 0700 directory."""
     _private_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    files.replace(path, text, 0o600)
 
 
 def _private_dir(directory: Path) -> None:

@@ -15,6 +15,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent import files
 from agent.faults import point as fault
 
 
@@ -43,33 +44,17 @@ def _pub(path: Path) -> Path:
     return path.with_name(path.name + ".pub")
 
 
-def _write_temp(path: Path, text: str, mode: int) -> Path:
-    """A temporary file beside PATH holding ``text``, created with ``mode`` (never wider), fsynced."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
 def write_keypair(kp: KeyPair, path: Path) -> None:
     """Write PATH (0600) and PATH.pub, each whole or not at all. PATH is linked into place only
     if there is none (FileExistsError otherwise: one of two concurrent writers wins), then PATH.pub
     replaced; ``load_or_create_keypair`` derives a PATH.pub that a crash in between left missing."""
-    tmp = _write_temp(path, kp.private, 0o600)
+    tmp = files.temp_beside(path, kp.private, 0o600)
     try:
         os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fault("keypair.first-written")
-    os.replace(_write_temp(_pub(path), kp.public + "\n", 0o644), _pub(path))
-    _fsync_dir(path.parent)
+    files.replace(_pub(path), kp.public + "\n", 0o644)
 
 
 def public_of(private: str, comment: str) -> str:
@@ -96,16 +81,8 @@ def load_or_create_keypair(path: Path, comment: str) -> KeyPair:
     derived = public_of(private, comment)
     if public.split()[:2] != derived.split()[:2]:
         public = derived
-        os.replace(_write_temp(_pub(path), public + "\n", 0o644), _pub(path))
+        files.replace(_pub(path), public + "\n", 0o644)
     return KeyPair(private, public)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Literal(str):
@@ -150,11 +127,5 @@ def write_seed(path: Path, meta: str, user: str) -> None:
     for iso_name, name, text in (("/METADATA.;1", "meta-data", meta), ("/USERDATA.;1", "user-data", user)):
         data = text.encode()
         iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name, joliet_path=f"/{name}")
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        iso.write_fp(f)
-        f.flush()
-        os.fsync(f.fileno())
+    files.replace(path, iso.write_fp)
     iso.close()
-    os.replace(tmp, path)
