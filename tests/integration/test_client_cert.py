@@ -9,67 +9,20 @@ No guest boots: a missing VM's 404 from the relay shows that TLS and the token p
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import TEST_ROOT
-from tests.integration.daemon_fixture import EXE, Daemon, daemon_fixture, free_port
+from tests.integration.daemon_fixture import daemon_fixture, free_port
+from tests.integration.tenant_cli import Site, Tenant
 from tests.tlsca import Issued, TestCA
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon]
 
 MISSING = "ccert-none"  # a VM that never exists
-
-
-@dataclass
-class Site:
-    daemon: Daemon
-    ca: TestCA
-    url: str
-    root: Path  # where tenants' homes and files go
-
-
-@dataclass
-class Tenant:
-    home: Path
-
-    def env(self) -> dict[str, str]:
-        drop = ("HVAGENT_CONFIG", "HVAGENT_STATE_DIR", "HVAGENT_REMOTE")
-        env = {k: v for k, v in os.environ.items() if k not in drop and "proxy" not in k.lower()}
-        return env | {"HOME": str(self.home), "XDG_CONFIG_HOME": str(self.home / ".config")}
-
-    @property
-    def remotes_file(self) -> Path:
-        return self.home / ".config" / "hvagent" / "remotes.yaml"
-
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(EXE), *args], capture_output=True, text=True, env=self.env(),
-                              stdin=subprocess.DEVNULL, timeout=timeout)
-
-    def ok(self, *args: str) -> str:
-        r = self.run(*args)
-        assert r.returncode == 0, (args, r.stdout, r.stderr)
-        return r.stdout
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.ok(*args, "--json"))
-
-    def refused(self, status: int, *args: str) -> str:
-        """The one line of a refused command (exit ``status``)."""
-        r = self.run(*args)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == status and len(lines) == 1 and lines[0].startswith("hvagent: error: "), \
-            (args, r.returncode, r.stdout, r.stderr)
-        return lines[0]
 
 
 @pytest.fixture(scope="module")

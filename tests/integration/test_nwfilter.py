@@ -11,7 +11,6 @@ Without hvagent's nwfilter every connection would succeed.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,12 +19,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent.seed import KeyPair
-from tests.conftest import ROOT, TEST_ROOT, image
+from tests.conftest import ROOT, image
+from tests.integration.netns import ns_host
+from tests.integration.netns import run as _run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -35,7 +35,6 @@ NEW_ADDRESS = "10.77.0.2"  # an address the host gains while the guest runs
 PEER = "10.77.0.50"  # another machine on the same network
 HOST_PORTS = (22, 8470)  # the host's SSH and the API's TCP port
 PEER_PORT = 8470
-NS_LIBVIRTD = ROOT / "lab" / "ns-libvirtd"  # the lab's: a libvirtd of its own in a network namespace
 NETWORK_XML = f"""<network><name>hvnf</name><bridge name='hvnfbr0' stp='off'/>
 <ip address='{GATEWAY}' netmask='255.255.255.0'><dhcp><range start='10.77.0.100' end='10.77.0.150'/></dhcp></ip>
 </network>"""
@@ -47,13 +46,6 @@ LISTENER = textwrap.dedent("""
     while True:
         c, _ = s.accept(); c.sendall(f"hello from {sys.argv[1]}\\n".encode()); c.close()
 """)
-
-
-def _run(*cmd: str | Path, check: bool = True, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
-    if check:
-        assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
-    return r
 
 
 @dataclass
@@ -74,55 +66,31 @@ class Lan:
 
 @pytest.fixture
 def lan() -> Iterator[Lan]:
-    for tool in ("ip", "unshare", "libvirtd", "virtlogd", "dnsmasq", "ebtables"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is missing (make host installs it)")
-    tag = f"hvnf{os.getpid() % 100000}"
-    ns, peer_ns = tag, f"{tag}p"
-    base = TEST_ROOT / tag
-    run_dir = Path("/run") / tag
-    uri = f"qemu:///system?socket={run_dir}/libvirt-sock"
     listeners: list[subprocess.Popen[bytes]] = []
-    lan = Lan(ns, peer_ns, uri, base / "state")
-    try:
-        TEST_ROOT.mkdir(mode=0o711, exist_ok=True)
-        base.mkdir(mode=0o711)  # libvirt-qemu opens the guest's disks in base/state
-        _run("ip", "netns", "add", ns)
-        _run("ip", "netns", "add", peer_ns)
-        _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run(NS_LIBVIRTD, "start", ns, base, run_dir, timeout=60)
-        (base / "net.xml").write_text(NETWORK_XML)
-        lan.virsh("net-create", str(base / "net.xml"))
-        # another machine on the network: a namespace of its own, plugged into the bridge
-        _run("ip", "link", "add", "hvnfv0", "netns", ns, "type", "veth", "peer", "name", "eth0", "netns", peer_ns)
-        _run("ip", "-n", ns, "link", "set", "hvnfv0", "master", "hvnfbr0", "up")
-        _run("ip", "-n", peer_ns, "addr", "add", f"{PEER}/24", "dev", "eth0")
-        _run("ip", "-n", peer_ns, "link", "set", "eth0", "up")
-        _run("ip", "-n", peer_ns, "link", "set", "lo", "up")
-        for where, label, port in [(ns, "host", p) for p in HOST_PORTS] + [(peer_ns, "peer", PEER_PORT)]:
-            listeners.append(subprocess.Popen(["ip", "netns", "exec", where, sys.executable, "-c", LISTENER,
-                                               label, str(port)]))
-        lan.state_dir.mkdir(mode=0o711)
-        (lan.state_dir / "config.yaml").write_text(
-            f"state_dir: {lan.state_dir}\nlibvirt_uri: '{uri}'\naccelerator: qemu\nhealth_timeout: 180\n"
-            f"api: {{socket: {lan.state_dir}/api.sock}}\n")
-        yield lan
-    finally:
-        if (run_dir / "libvirtd.pid").exists():
-            names = _run("virsh", "-q", "-c", uri, "list", "--all", "--name", check=False).stdout.split()
-            for name in names:
-                _run("virsh", "-c", uri, "destroy", name, check=False)
-                _run("virsh", "-c", uri, "undefine", "--nvram", name, check=False)
-            _run("virsh", "-c", uri, "net-destroy", "hvnf", check=False)
-        for p in listeners:
-            p.kill()
-            p.wait()
-        _run(NS_LIBVIRTD, "stop", run_dir, check=False)
-        for n in (ns, peer_ns):
-            if Path(f"/run/netns/{n}").exists():
-                _run("ip", "netns", "del", n, check=False)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)
+    with ns_host("hvnf", others=["p"], tools=["dnsmasq", "ebtables"]) as host:
+        ns, peer_ns = host.ns, host.ns + "p"
+        lan = Lan(ns, peer_ns, host.uri, host.base / "state")
+        try:
+            (host.base / "net.xml").write_text(NETWORK_XML)
+            lan.virsh("net-create", str(host.base / "net.xml"))
+            # another machine on the network: a namespace of its own, plugged into the bridge
+            _run("ip", "link", "add", "hvnfv0", "netns", ns, "type", "veth", "peer", "name", "eth0", "netns", peer_ns)
+            _run("ip", "-n", ns, "link", "set", "hvnfv0", "master", "hvnfbr0", "up")
+            _run("ip", "-n", peer_ns, "addr", "add", f"{PEER}/24", "dev", "eth0")
+            _run("ip", "-n", peer_ns, "link", "set", "eth0", "up")
+            for where, label, port in [(ns, "host", p) for p in HOST_PORTS] + [(peer_ns, "peer", PEER_PORT)]:
+                listeners.append(subprocess.Popen(["ip", "netns", "exec", where, sys.executable, "-c", LISTENER,
+                                                   label, str(port)]))
+            lan.state_dir.mkdir(mode=0o711)
+            (lan.state_dir / "config.yaml").write_text(
+                f"state_dir: {lan.state_dir}\nlibvirt_uri: '{host.uri}'\naccelerator: qemu\nhealth_timeout: 180\n"
+                f"api: {{socket: {lan.state_dir}/api.sock}}\n")
+            yield lan
+        finally:
+            for p in listeners:
+                p.kill()
+                p.wait()
+            lan.virsh("net-destroy", "hvnf", check=False)
 
 
 def probe(targets: list[tuple[str, int]]) -> str:

@@ -30,8 +30,10 @@ from typing import Any
 import pytest
 
 from agent.seed import KeyPair, new_ed25519
-from tests.conftest import ROOT, TEST_ROOT, image
+from tests.conftest import image
 from tests.integration.daemon_fixture import EXE, Daemon, daemon_fixture
+from tests.integration.netns import ns_host
+from tests.integration.netns import run as _run
 from tests.tlsca import TestCA
 
 pytestmark = [pytest.mark.integration, pytest.mark.daemon, pytest.mark.timeout(900)]
@@ -42,15 +44,7 @@ OTHER_ADDR = "192.0.2.3"  # a second address of the tenant's machine: the thrott
 API_PORT = 8470
 URL = f"https://{HOST_ADDR}:{API_PORT}"
 VM = "tn-1"
-NS_LIBVIRTD = ROOT / "lab" / "ns-libvirtd"
 AUTH_FAILURES = 3  # the host's api.auth_failures
-
-
-def _run(*cmd: str | Path, check: bool = True, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
-    if check:
-        assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
-    return r
 
 
 @dataclass
@@ -119,20 +113,11 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
-    for tool in ("ip", "unshare", "libvirtd", "virtlogd", "ssh", "scp"):
+    for tool in ("ssh", "scp"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing (make host installs it)")
-    tag = f"hvtn{os.getpid() % 100000}"
-    host_ns, tenant_ns = tag, f"{tag}t"
-    base = TEST_ROOT / tag
-    run_dir = Path("/run") / tag
-    uri = f"qemu:///system?socket={run_dir}/libvirt-sock"
-    try:
-        TEST_ROOT.mkdir(mode=0o711, exist_ok=True)
-        base.mkdir(mode=0o711)  # libvirt-qemu opens the guest's disks under base/state
-        for ns in (host_ns, tenant_ns):
-            _run("ip", "netns", "add", ns)
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
+    with ns_host("hvtn", others=["t"]) as host:
+        host_ns, tenant_ns = host.ns, host.ns + "t"
         _run("ip", "link", "add", "hvtn0", "netns", host_ns, "type", "veth", "peer", "name", "eth0",
              "netns", tenant_ns)
         _run("ip", "-n", host_ns, "addr", "add", f"{HOST_ADDR}/24", "dev", "hvtn0")
@@ -140,14 +125,13 @@ def site() -> Iterator[Site]:
             _run("ip", "-n", tenant_ns, "addr", "add", f"{address}/24", "dev", "eth0")
         _run("ip", "-n", host_ns, "link", "set", "hvtn0", "up")
         _run("ip", "-n", tenant_ns, "link", "set", "eth0", "up")
-        _run(NS_LIBVIRTD, "start", host_ns, base, run_dir, timeout=60)
-        ca = TestCA(base / "pki", "tenant test CA")
+        ca = TestCA(host.base / "pki", "tenant test CA")
         server = ca.server(addresses=(HOST_ADDR,))
-        state_dir = base / "state"
+        state_dir = host.base / "state"
         state_dir.mkdir(mode=0o711)
         api = {"tcp": None, "listen": [f"{HOST_ADDR}:{API_PORT}"], "auth_failures": AUTH_FAILURES,
                "tls": {"cert": str(server.cert), "key": str(server.key)}}
-        for d in daemon_fixture(state_dir, api=api, extra={"libvirt_uri": uri, "health_timeout": 180},
+        for d in daemon_fixture(state_dir, api=api, extra={"libvirt_uri": host.uri, "health_timeout": 180},
                                 wrap=("ip", "netns", "exec", host_ns)):
             d.port = API_PORT
             # the operator publishes on the host, through the daemon's Unix socket
@@ -155,18 +139,7 @@ def site() -> Iterator[Site]:
             r = _run("ip", "netns", "exec", host_ns, EXE, "images", "publish", str(image("tiny-1.0")), env=env,
                      timeout=600)
             assert "through the daemon" in r.stdout, r.stdout + r.stderr
-            yield Site(host_ns, d, ca, base / "tenants", tenant_ns)
-    finally:
-        if (run_dir / "libvirtd.pid").exists():
-            for name in _run("virsh", "-q", "-c", uri, "list", "--all", "--name", check=False).stdout.split():
-                _run("virsh", "-c", uri, "destroy", name, check=False)
-                _run("virsh", "-c", uri, "undefine", "--nvram", name, check=False)
-        _run(NS_LIBVIRTD, "stop", run_dir, check=False)
-        for ns in (host_ns, tenant_ns):
-            if Path(f"/run/netns/{ns}").exists():
-                _run("ip", "netns", "del", ns, check=False)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)
+            yield Site(host_ns, d, ca, host.base / "tenants", tenant_ns)
 
 
 @dataclass

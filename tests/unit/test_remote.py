@@ -25,14 +25,6 @@ from tests.tlsca import TestCA
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture
-def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """XDG_CONFIG_HOME in tmp_path, no HVAGENT_REMOTE; the remotes file's path."""
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.delenv(remote_mod.ENV_REMOTE, raising=False)
-    return tmp_path / "config" / "hvagent" / "remotes.yaml"
-
-
 def r(name: str, url: str = "https://127.0.0.1:8470", token: str = "t0ken") -> Remote:
     return Remote(name=name, url=url, token=token)
 

@@ -31,13 +31,6 @@ from tests.tlsca import TestCA
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture
-def xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.delenv(remote_mod.ENV_REMOTE, raising=False)
-    return tmp_path / "config" / "hvagent" / "remotes.yaml"
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestCA, TestCA]:
     """The host's CA and a stranger's."""
