@@ -305,16 +305,16 @@ def _ws_url(remote: remote_mod.Remote, name: str, what: str) -> str:
 
 
 @contextmanager
-def _cert_refusals(remote: remote_mod.Remote) -> Iterator[None]:
-    """A relay the host refused over the client certificate: the same line as an API call's."""
+def _tls_failures(remote: remote_mod.Remote) -> Iterator[None]:
+    """A relay or console that TLS ended (the client certificate, the host's certificate, the
+    handshake): the same line as an API call's."""
     try:
         yield
     except HvError as e:
-        closed = _closed_unanswered(e)
-        refused = remote_mod.client_cert_refusal(remote, e, f"remote {remote.name}: {remote.url}", closed=closed)
-        if refused is None:
+        failed = remote_mod.tls_failure(remote, e, f"remote {remote.name}: {remote.url}", closed=_closed_unanswered(e))
+        if failed is None:
             raise
-        raise refused from e
+        raise failed from e
 
 
 def _closed_unanswered(e: BaseException) -> bool:
@@ -340,7 +340,7 @@ def vm_proxy(ctx: typer.Context, name: NameArg) -> None:
     remote = remote_mod.load().pick(ctx.find_root().params.get("remote"))
     check_name(name, "VM name")
     ssl_context = remote_mod.client_context(remote)
-    with _cert_refusals(remote):
+    with _tls_failures(remote):
         proxy(_ws_url(remote, name, "ssh"), remote.token, ssl_context, sys.stdin.buffer, sys.stdout.buffer)
 
 
@@ -407,6 +407,6 @@ def vm_console(
     check_name(name, "VM name")
     url = _ws_url(remote, name, "console") + ("?force=true" if force else "")
     ssl_context = remote_mod.client_context(remote)
-    with _cert_refusals(remote):
+    with _tls_failures(remote):
         code = console(url, remote.token, ssl_context, sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
     raise typer.Exit(code)

@@ -7,7 +7,6 @@ listening): the CLI then works on its own, under the same host lock the daemon t
 
 from __future__ import annotations
 
-import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ import httpx
 
 from agent.config import Config
 from agent.errors import Conflict, EnvError, Forbidden, HvError, InputError, NotFound, Unauthorized
-from agent.remote import Remote, client_cert_refusal, client_context, ssl_cause
+from agent.remote import UNREACHED, Remote, client_context, tls_failure
 
 _BY_STATUS: dict[int, type[HvError]] = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict}
 
@@ -103,30 +102,15 @@ class Client:
         if self.remote is None:
             return EnvError(f"hvagent daemon at {self.where}: {method} {path}: {e}")
         where = f"remote {self.remote.name}: {self.where}"
-        refused = client_cert_refusal(self.remote, e, where,
-                                      closed=isinstance(e, httpx.RemoteProtocolError | httpx.ReadError))
+        refused = tls_failure(self.remote, e, where, closed=isinstance(e, httpx.RemoteProtocolError | httpx.ReadError))
         if refused is not None:
             return refused
-        cause = ssl_cause(e)
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            ca = self.remote.ca or "the system's trusted CAs"
-            return InputError(f"{where}: the server's certificate does not verify against {ca} "
-                              f"({cause.verify_message or cause.reason})",
-                              hint="check --ca: the remote needs the CA that signed this host's certificate, "
-                                   "and a URL with the host name or address that certificate names")
-        if cause is not None:
-            mine = f"this remote's is {self.remote.cert}" if self.remote.cert else \
-                "this remote has none (--cert, --key)"
-            return EnvError(f"{where}: TLS handshake failed ({getattr(cause, 'reason', None) or cause})",
-                            hint="is this port the daemon's api.listen with api.tls? a daemon with "
-                                 f"api.tls.client_ca also wants a client certificate its CA signed; {mine}")
         if isinstance(e, httpx.TimeoutException):
             what = "no connection" if isinstance(e, httpx.ConnectTimeout) else "no answer"
             return EnvError(f"{where}: {method} {path}: {what} in time ({e.__class__.__name__})",
                             hint="is the host up and reachable from here?")
         return EnvError(f"{where}: {method} {path}: cannot reach the host ({e or e.__class__.__name__})",
-                        hint="is the host up and its daemon serving this address (api.listen)? "
-                             "`hvagent remote list` shows the URL")
+                        hint=UNREACHED)
 
     def wait_vm(self, name: str, timeout: float,
                 on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from agent import __version__
 from agent.errors import Conflict, EnvError, Forbidden, HvError, InputError, NotFound, Unauthorized
+from agent.remote import UNREACHED
 
 __all__ = ["ESCAPE", "connect_relay", "console", "proxy"]
 
@@ -50,7 +51,8 @@ def connect_relay(url: str, token: str, ssl_context: ssl.SSLContext | None, what
     except InvalidURI as e:
         raise InputError(f"{what}: {url}: not a ws:// or wss:// URL") from e
     except (OSError, TimeoutError, InvalidHandshake) as e:
-        raise EnvError(f"{what}: {url}: {str(e) or type(e).__name__}") from e
+        raise EnvError(f"{what}: {url}: {str(e) or type(e).__name__}",
+                       hint=None if isinstance(e, ssl.SSLError) else UNREACHED) from e
     except ConnectionClosed as e:  # the host closed it before answering: a TLS alert (a client certificate
         # it wanted), or a reset; the cause is kept for the caller to name
         cause = e.__cause__ or e.__context__
@@ -88,7 +90,7 @@ def proxy(url: str, token: str, ssl_context: ssl.SSLContext | None, stdin: Binar
                     raise EnvError(f"ssh relay: {url}: a text message; the relay sends binary messages only")
                 _write_all(stdout, message)
         except ConnectionClosedError as e:
-            raise EnvError(f"ssh relay: {url}: {e}") from e
+            raise EnvError(f"ssh relay: {url}: the connection broke mid-session ({e})", hint=BROKE) from e
         except BrokenPipeError:
             pass  # whoever read our stdout is gone: the session is over
         finally:
@@ -125,6 +127,7 @@ def _write_all(stdout: BinaryIO, data: bytes) -> None:
     stdout.flush()
 
 
+BROKE = "the host or its daemon went away, or the network between: `hvagent vm show NAME` tells whether the VM runs"
 ESCAPE = b"\x1d"  # Ctrl-], as virsh console
 TAKEN_OVER = 4409  # the close code of a console session that another one took over (agent.api.console)
 
@@ -134,8 +137,9 @@ def console(url: str, token: str, ssl_context: ssl.SSLContext | None, stdin: Bin
     """The guest's serial console on this terminal until Ctrl-] (``ESCAPE``) is typed or the daemon
     ends the session. A terminal on ``stdin`` is put in raw mode (every key goes to the guest, as
     typed) and restored at the end. 0 when left with Ctrl-] or when the VM stopped; 1 when another
-    session took the console over."""
+    session took the console over; an ``EnvError`` when the connection broke."""
     ending: list[str] = []
+    broke: ConnectionClosedError | None = None
     with connect_relay(url, token, ssl_context, "console") as ws, _raw(stdin):
         notice.write("connected to the console; Ctrl-] leaves\r\n")
         notice.flush()
@@ -161,6 +165,8 @@ def console(url: str, token: str, ssl_context: ssl.SSLContext | None, stdin: Bin
             for message in ws:
                 if isinstance(message, bytes):
                     _write_all(stdout, message)
+        except ConnectionClosedError as e:
+            broke = e
         except ConnectionClosed:
             pass
         finally:
@@ -170,6 +176,8 @@ def console(url: str, token: str, ssl_context: ssl.SSLContext | None, stdin: Bin
     if ending:
         notice.write("\r\nleft the console\r\n")
         return 0
+    if broke is not None and ws.close_code != TAKEN_OVER:  # no close frame, or the daemon's error
+        raise EnvError(f"console: {url}: the connection broke mid-session ({broke})", hint=BROKE)
     notice.write(f"\r\nconsole: {ws.close_reason or 'the connection closed'}\r\n")
     return 1 if ws.close_code == TAKEN_OVER else 0
 

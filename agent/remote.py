@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent import files
-from agent.errors import Conflict, HvError, InputError, NotFound
+from agent.errors import Conflict, EnvError, HvError, InputError, NotFound
 from agent.spec import check_name
 
 ENV_REMOTE = "HVAGENT_REMOTE"
@@ -384,6 +384,32 @@ def client_cert_refusal(remote: Remote, e: BaseException, where: str, closed: bo
                           hint=f"add it again with one the CA of the host's api.tls.client_ca signed: {add_again}")
     return InputError(f"{where}: the host refused the client certificate {remote.cert} {how}",
                       hint=f"it takes a valid certificate the CA of its api.tls.client_ca signed; {add_again}")
+
+
+UNREACHED = "is the host up and its daemon serving this address (api.listen)? `hvagent remote list` shows the URL"
+
+
+def tls_failure(remote: Remote, e: BaseException, where: str, closed: bool = False) -> HvError | None:
+    """The one line for a connection that TLS ended, if it did: the host refusing the client
+    certificate, the host's certificate not verifying against the remote's CA (bad input: the
+    remote's --ca, or a URL naming what the certificate does not), another failed handshake. None
+    if TLS is not what ended it. The same line for API calls and for the relay and the console."""
+    refused = client_cert_refusal(remote, e, where, closed=closed)
+    if refused is not None:
+        return refused
+    cause = ssl_cause(e)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        ca = remote.ca or "the system's trusted CAs"
+        return InputError(f"{where}: the server's certificate does not verify against {ca} "
+                          f"({cause.verify_message or cause.reason})",
+                          hint="check --ca: the remote needs the CA that signed this host's certificate, "
+                               "and a URL with the host name or address that certificate names")
+    if cause is not None:
+        mine = f"this remote's is {remote.cert}" if remote.cert else "this remote has none (--cert, --key)"
+        return EnvError(f"{where}: TLS handshake failed ({getattr(cause, 'reason', None) or cause})",
+                        hint="is this port the daemon's api.listen with api.tls? a daemon with "
+                             f"api.tls.client_ca also wants a client certificate its CA signed; {mine}")
+    return None
 
 
 def handshake_refused(remote: Remote, timeout: float = PROBE_TIMEOUT) -> bool:

@@ -183,6 +183,15 @@ def test_bad_remotes_are_one_line_each(site: Site) -> None:
     line = alice.refused(1, "--remote", "down", "vm", "list")
     assert f"remote down: https://127.0.0.1:{closed}: GET /v1/vms: cannot reach the host" in line
     assert "(hint: is the host up" in line
+    # the relay and the console (WebSockets, not the API client) give the same lines
+    for command in (["vm", "proxy", VM], ["vm", "console", VM]):
+        line = alice.refused(2, "--remote", "wrong-ca", *command)
+        assert f"remote wrong-ca: {site.url}: the server's certificate does not verify against {other.cert}" \
+            in line and "(hint: check --ca" in line, line
+        line = alice.refused(2, "--remote", "other-ip", *command)
+        assert "does not verify" in line and "(hint: check --ca" in line, line
+        line = alice.refused(1, "--remote", "down", *command)
+        assert f"127.0.0.1:{closed}/v1/vms/{VM}/" in line and "(hint: is the host up" in line, line
     line = alice.refused(2, "--remote", "nope", "vm", "list")
     assert line == "hvagent: error: --remote nope: no such remote; the remotes are hv1, wrong-ca, other-ip, down"
     r = alice.run("vm", "list")  # the default remote still works
