@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -84,12 +86,12 @@ def test_the_lifecycle_of_a_tenants_vm(site: Site) -> None:
     (alice.home / ".ssh").mkdir(mode=0o700)
     (alice.home / ".ssh" / "id_ed25519.pub").write_text(key.public + "\n")  # the default --ssh-key
 
-    out = alice.ok("vm", "create", VM, "--image", "tiny-1.0", "--memory", "256")
+    out = alice.ok("vm", "create", VM, "--image", "tiny-1.0", "--memory", "256", "--cpus", "2", "--data-disk", "1")
     assert f"{VM}: running (tiny-1.0, track tiny-1.0)" in out, out
     [vm] = alice.json("vm", "list")
-    assert {k: vm[k] for k in ("name", "owner", "image", "version", "track", "state", "memory")} == \
-        {"name": VM, "owner": "alice", "image": "tiny", "version": "1.0", "track": "tiny-1.0", "state": "running",
-         "memory": 256}
+    assert {k: vm[k] for k in ("name", "owner", "image", "version", "track", "state", "memory", "cpus", "data_disk")} \
+        == {"name": VM, "owner": "alice", "image": "tiny", "version": "1.0", "track": "tiny-1.0", "state": "running",
+            "memory": 256, "cpus": 2, "data_disk": 1}
     assert "uuid" not in vm  # a tenant's view
     assert alice.json("vm", "show", VM) == vm
     listing = alice.ok("vm", "list")
@@ -146,13 +148,45 @@ def test_the_lifecycle_of_a_tenants_vm(site: Site) -> None:
     back = alice.home / "blob.back"
     ssh = ["ssh", "-F", str(config), "-i", str(private), "-o", "IdentitiesOnly=yes", VM]
     with blob.open("rb") as src:
-        r = subprocess.run([*ssh, "cat > /tmp/blob"], stdin=src, capture_output=True, timeout=300, env=alice.env())
-    assert r.returncode == 0, r.stderr
+        sent = subprocess.run([*ssh, "cat > /tmp/blob"], stdin=src, capture_output=True, timeout=300, env=alice.env())
+    assert sent.returncode == 0, sent.stderr
     with back.open("wb") as dst:
-        r = subprocess.run([*ssh, "cat /tmp/blob"], stdout=dst, stderr=subprocess.PIPE, timeout=300,
-                           env=alice.env())
-    assert r.returncode == 0, r.stderr
+        got = subprocess.run([*ssh, "cat /tmp/blob"], stdout=dst, stderr=subprocess.PIPE, timeout=300,
+                             env=alice.env())
+    assert got.returncode == 0, got.stderr
     assert back.read_bytes() == blob.read_bytes()
+    # what the guest was created with, seen from inside; a forward with -L through the same relay
+    def guest(command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ssh, command], capture_output=True, text=True, timeout=120, env=alice.env())
+
+    assert guest("nproc").stdout.strip() == "2"
+    local = free_port()
+    forward = subprocess.Popen([*ssh[:-1], "-N", "-o", "ExitOnForwardFailure=yes", "-L",
+                                f"127.0.0.1:{local}:127.0.0.1:22", VM], env=alice.env(), stderr=subprocess.PIPE)
+    try:
+        banner = b""
+        deadline = time.monotonic() + 60
+        while not banner.startswith(b"SSH-2.0-") and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", local), timeout=10) as conn:
+                    banner = conn.recv(64)  # the guest's own sshd, through the forward and the relay
+            except OSError:
+                time.sleep(0.5)
+        assert banner.startswith(b"SSH-2.0-"), banner
+    finally:
+        forward.terminate()
+        forward.wait(10)
+    # the owner reboots it: it comes back (a shorter uptime) with the same host key (ssh checks it)
+    up = float(guest("cat /proc/uptime").stdout.split()[0])
+    assert alice.ok("vm", "reboot", VM).strip() == f"{VM}: rebooting"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        r = guest("cat /proc/uptime")
+        if r.returncode == 0 and float(r.stdout.split()[0]) < up:
+            break
+        time.sleep(2)
+    assert r.returncode == 0 and float(r.stdout.split()[0]) < up, (r.stdout, r.stderr)
+    assert "vm.reboot" in [e["kind"] for e in alice.json("vm", "events", VM)]
     # another tenant: the relay answers 404 as every call does, and ssh gets nothing through
     r = bob.run("vm", "ssh", VM, "--", "true")
     assert r.returncode == 2 and f"vm {VM}: no such VM" in r.stderr, r.stderr
@@ -192,6 +226,12 @@ def test_bad_remotes_are_one_line_each(site: Site) -> None:
         assert "does not verify" in line and "(hint: check --ca" in line, line
         line = alice.refused(1, "--remote", "down", *command)
         assert f"127.0.0.1:{closed}/v1/vms/{VM}/" in line and "(hint: is the host up" in line, line
+    # $HVAGENT_REMOTE picks one; --remote wins over it
+    env = alice.env() | {"HVAGENT_REMOTE": "down"}
+    r = subprocess.run([str(EXE), "vm", "list"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and f"remote down: https://127.0.0.1:{closed}" in r.stderr, r.stderr
+    r = subprocess.run([str(EXE), "--remote", "hv1", "vm", "list"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
     line = alice.refused(2, "--remote", "nope", "vm", "list")
     assert line == "hvagent: error: --remote nope: no such remote; the remotes are hv1, wrong-ca, other-ip, down"
     r = alice.run("vm", "list")  # the default remote still works
