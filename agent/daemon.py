@@ -443,7 +443,12 @@ class Daemon:
                         self.scan_inbox()
                     except Exception:  # the hook outlives any one failure (say, failed/ unwritable)
                         log.exception("inbox scan")
-                pending = bool(ino.read(timeout=1000))
+                try:
+                    pending = bool(ino.read(timeout=1000))
+                except OSError as e:  # scan again after a pause: a scan finds what an event would have said
+                    log.error(logfmt({"msg": f"inbox {inbox}: cannot read its events ({e.strerror}); scanning"}))
+                    self.stop.wait(1)
+                    pending = True
 
     def scan_inbox(self) -> None:
         """Publish every FILE.qcow2 whose FILE.yaml has arrived; failures go to failed/ with a reason.

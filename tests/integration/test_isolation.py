@@ -126,6 +126,16 @@ def test_a_kept_data_disk_is_its_owners_alone(daemon: Daemon, keys: dict[str, tu
     assert all("alice" not in json.dumps(e) for e in bob_events), bob_events
     assert {e["owner"] for e in d.call("ops", "GET", "/v1/events", params={"vm": "db"}).json()} == {"alice", "bob"}
     assert "alice-console-marker" not in d.call("bob", "GET", "/v1/vms/db/console").text
+    # a log by name alone (what a VM of this name wrote before logs were keyed by UUID) is not his
+    (d.state_dir / "vms" / "db" / "console.log").write_text("alice-console-marker\n")
+    assert "alice-console-marker" not in d.call("bob", "GET", "/v1/vms/db/console").text
+    # the console is read to a bound: the last `tail` bytes, at most 1 MiB
+    last = d.call("bob", "GET", "/v1/vms/db/console", params={"tail": 64})
+    assert last.status_code == 200 and 0 < len(last.content) <= 64, last.content
+    assert last.text in d.call("bob", "GET", "/v1/vms/db/console").text
+    assert d.call("bob", "GET", "/v1/vms/db/console", params={"tail": (1 << 20) + 1}).status_code == 422
+    # an admin lists every owner's disks; each tenant its own
+    assert sorted((x["owner"], x["state"]) for x in disks(d, "ops")) == [("alice", "kept"), ("bob", "attached")]
     assert all(e["vm"] != "db" or e["kind"] != "vm.gone" for e in d.call("bob", "GET", "/v1/events").json())
 
     # another owner's disk is not there for bob; his own is in use
