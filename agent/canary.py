@@ -57,7 +57,8 @@ class Canary(HostParts):
         name = f"canary_{secrets.token_hex(4)}"
         paths = VmPaths(self.cfg.state_dir / "canary" / name)
         t0 = self._clock()
-        intent = self.state.begin("canary", name, {"root": str(paths.root), "target": target.ref})
+        intent = self.state.begin("canary", name, {"root": str(paths.root), "target": target.ref, "cpus": cpus,
+                                                   "memory": memory})  # counted against capacity meanwhile
         try:
             try:
                 manifest = Manifest.model_validate(target.manifest)

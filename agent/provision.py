@@ -221,6 +221,10 @@ class Provisioner:
             existing = VmSpec.model_validate(row.spec)
             used["cpus"] += existing.cpus
             used["memory"] += existing.memory
+        for entry in self.state.pending():  # a rollout's canary holds its guest's room while it boots
+            if entry.op == "canary":
+                used["cpus"] += int(entry.intent.get("cpus", 0))
+                used["memory"] += int(entry.intent.get("memory", 0))
         units = {"cpus": "vCPUs", "memory": "MiB of memory", "data_disk": "GiB of data disk (kept disks included)"}
         for spec in new:
             if spec.data_disk > self.cfg.max_data_disk_gib:

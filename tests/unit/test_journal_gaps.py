@@ -210,3 +210,25 @@ def test_a_canary_cut_short_is_booted_again(host: Host) -> None:
     r.recover()
     row = host.state.rollout(ro.id)
     assert row is not None and row.canary == "pending"
+
+
+def test_a_booting_canary_counts_against_capacity(tmp_path: Path) -> None:
+    """The canary's room is checked when its rollout starts; while it boots, its journal entry
+    holds that room, so a tenant's create cannot take it (no libvirt is called: the check is before
+    anything is created)."""
+    from agent.errors import Conflict
+    from agent.provision import Provisioner
+
+    cfg = Config(state_dir=tmp_path, capacity_vcpus=2, capacity_memory_mib=1024)
+    state = State(cfg.db_path)
+    prov = Provisioner(cfg, state, Catalog(cfg, state), None, lambda: None)  # type: ignore[arg-type]
+    one = VmSpec.model_validate({"name": "w", "owner": "t", "image": "tiny-1.*", "cpus": 2,
+                                 "ssh_keys": [new_ed25519("t").public]})
+    prov.check_capacity([one])  # room for it alone
+    entry = state.begin("canary", "canary_0a1b2c3d", {"root": str(tmp_path / "canary"), "target": "tiny-1.1",
+                                                      "cpus": 1, "memory": 256})
+    with pytest.raises(Conflict, match="cpus: would take this host to 3 vCPUs, beyond its capacity of 2"):
+        prov.check_capacity([one])
+    state.done(entry)
+    prov.check_capacity([one])
+    state.close()
