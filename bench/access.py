@@ -9,7 +9,6 @@ import queue
 import resource
 import secrets
 import shutil
-import signal
 import ssl
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ import yaml
 from agent import config as config_mod
 from agent.host import Host
 from agent.seed import new_ed25519
-from bench.common import IMAGES, ROOT, WORK, MiB, Result, clean, free_port, log, sha256
+from bench.common import IMAGES, ROOT, WORK, MiB, Result, clean, free_port, log, sha256, terminate
 
 # -- the API's access paths: SSH relay and serial console -------------------------------------
 EXE = ROOT / ".venv" / "bin" / "hvagent"
@@ -145,13 +144,7 @@ def api_site(tag: str) -> Iterator[Site]:
             log(f"DELETE /v1/vms/{ACCESS_VM}: {e} (the state's VMs are destroyed below); the daemon's log:\n"
                 f"{log_path.read_text()[-3000:]}")
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc, 120)
             clean(Host(config_mod.load(cfg_path)))  # whatever the DELETE left; removes the state dir
 
 
