@@ -5,27 +5,39 @@ size and its first bytes (the qcow2 header) is refused before anything is writte
 copied into the store under a temporary name (hashing while copying), and every check runs on
 that private copy, so the bytes checked are the bytes kept. Only then is it fsynced, renamed and
 recorded.
+
+Every image in the catalog is one this host can run (invariant 12): its manifest's needs are
+checked against the host's capabilities (agent.compat) at publish, when a track picks a version
+(one this host can no longer run is skipped, say after QEMU was downgraded) and when a base is used.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent import files, imageinfo, qcow2
-from agent.config import Config
+from agent.compat import HostCaps, Needs, check
+from agent.config import Accel, Config
+from agent.domxml import DomainType
 from agent.errors import Conflict, EnvError, ImageRefused, InputError, NotFound
 from agent.faults import point as fault
 from agent.manifest import Manifest, load_manifest
 from agent.state import ImageRow, ImageState, State
 from agent.version import Track, Version
+from agent.virt import Virt
+
+log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20
 Progress = Callable[[int, int], None]
@@ -50,11 +62,55 @@ def default_manifest_path(image: Path) -> Path:
     return image.with_suffix(".yaml")
 
 
+class LibvirtCaps:
+    """This host's capabilities from libvirt (``Virt.host_caps``) on a connection of their own,
+    read again once ``ttl`` seconds have passed: a rollout's or a reconcile pass's many look-ups
+    cost one read, and a QEMU upgraded or downgraded meanwhile is seen within seconds."""
+
+    def __init__(self, cfg: Config, ttl: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.ttl = ttl
+        self._clock = clock
+        self._cached: tuple[float, HostCaps] | None = None
+
+    def __call__(self) -> HostCaps:
+        now = self._clock()
+        if self._cached is None or now - self._cached[0] >= self.ttl:
+            virt = Virt(self.cfg.libvirt_uri)
+            try:
+                self._cached = now, virt.host_caps(self._virttype())
+            finally:
+                virt.close()
+        return self._cached[1]
+
+    def _virttype(self) -> DomainType:
+        """The domain type guests get: the configured one, else what Host.accelerator's probe chose
+        (its cache, so that no probe guest boots here); before any probe, TCG's (QEMU's machines,
+        loaders and device models are KVM's too)."""
+        if self.cfg.accelerator is not Accel.AUTO:
+            return DomainType(self.cfg.accelerator.value)
+        try:
+            return DomainType(json.loads(self.cfg.accel_cache.read_text())["accel"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return DomainType.QEMU
+
+
+def unmet(row: ImageRow, caps: HostCaps) -> list[str]:
+    """What ``row`` needs that this host lacks (agent.compat.check); empty when it runs here."""
+    try:
+        needs = Needs.stored(row.manifest)
+    except ValueError as e:
+        return [f"manifest: {e}"]
+    return check(needs, caps)
+
+
 class Catalog:
-    def __init__(self, cfg: Config, state: State) -> None:
+    def __init__(self, cfg: Config, state: State, caps: Callable[[], HostCaps]) -> None:
+        """``caps``: this host's capabilities (``LibvirtCaps`` reads them from libvirt)."""
         self.cfg = cfg
         self.state = state
         self.store = cfg.store
+        self.caps = caps
 
     def _ensure_store(self) -> None:
         try:
@@ -157,6 +213,8 @@ class Catalog:
         qcow2.check_virtual_size(header, limit, shown)
         if header.size != m.virtual_size:
             raise ImageRefused(f"{shown}: virtual size {header.size} differs from the manifest's {m.virtual_size}")
+        if needs := check(m, self.caps()):
+            raise ImageRefused(f"{shown}: this host cannot run {m.ref}: {'; '.join(needs)}")
         return head, header
 
     def recover(self) -> None:
@@ -182,13 +240,52 @@ class Catalog:
         return [CatalogEntry(r, users[(r.name, r.version)]) for r in self.state.images()]
 
     def resolve(self, track: Track) -> ImageRow:
+        """The version ``track`` runs: pinned, or the newest active version of its family that this
+        host can run (newer ones it cannot are skipped, logged with why)."""
         rows = self.state.images()
         available = [(r.name, Version.parse(r.version)) for r in rows]
-        usable = [(r.name, Version.parse(r.version)) for r in rows if r.state is ImageState.ACTIVE]
+        active = [r for r in rows if r.state is ImageState.ACTIVE]
+        if not track.pinned:
+            skipped = self.unrunnable(track.name, track.family, newest_only=True)
+            for r, why in skipped:
+                log.warning("image %s: skipped for %s, this host cannot run it: %s", r.ref, track, "; ".join(why))
+            active = [r for r in active if r.ref not in {s.ref for s, _ in skipped}]
+            if skipped and not any((r.name, r.family) == (track.name, track.family) for r in active):
+                ref, why = skipped[0][0].ref, skipped[0][1]
+                raise NotFound(f"image: {track} has no active version this host can run ({ref}: {'; '.join(why)})")
+        usable = [(r.name, Version.parse(r.version)) for r in active]
         version = track.resolve(available, usable)
         row = self.state.image(track.name, str(version))
         assert row is not None
         return row
+
+    def unrunnable(self, name: str, family: int, newest_only: bool = False) -> list[tuple[ImageRow, list[str]]]:
+        """The family's active versions this host cannot run, newest first, each with why.
+        ``newest_only``: those newer than the newest it can run (what a track skips)."""
+        family_rows = sorted((r for r in self.state.images() if r.name == name and r.family == family
+                              and r.state is ImageState.ACTIVE), key=lambda r: Version.parse(r.version), reverse=True)
+        if not family_rows:
+            return []
+        caps = self.caps()
+        found: list[tuple[ImageRow, list[str]]] = []
+        for r in family_rows:
+            if why := unmet(r, caps):
+                found.append((r, why))
+            elif newest_only:
+                break
+        return found
+
+    def compat(self) -> dict[str, Any]:
+        """The host's guest OS compatibility list: the host's values and, for each image in the
+        catalog, whether it runs here and, if not, why."""
+        caps = self.caps()
+        images = []
+        for r in self.state.images():
+            why = unmet(r, caps)
+            images.append({"image": r.ref, "name": r.name, "version": r.version, "state": str(r.state),
+                           "kind": str(r.manifest.get("kind", "disk")), "firmware": r.manifest.get("firmware"),
+                           "runs": not why, "why_not": why})
+        return {"host": caps.describe(), "images": images}
 
     def resolve_for_new_vm(self, track: Track, vm: str) -> ImageRow:
         """``resolve``, refusing a retired version: no new VM may pin it."""
@@ -206,7 +303,10 @@ class Catalog:
         return row
 
     def base_for_use(self, row: ImageRow) -> Path:
-        """The base file, re-checked (header, size, read-only) every time it is used."""
+        """The base file, re-checked (header, size, read-only, and that this host can run it)
+        every time it is used."""
+        if why := unmet(row, self.caps()):
+            raise Conflict(f"image {row.ref}: this host cannot run it: {'; '.join(why)}")
         path = Path(row.path)
         try:
             st = path.stat()

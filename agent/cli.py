@@ -569,6 +569,32 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
               markup=False, highlight=False)
 
 
+host_app = typer.Typer(no_args_is_help=True, help="This host: what it offers guests.")
+app.add_typer(host_app, name="host")
+
+
+@host_app.command("compat")
+def host_compat(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """The guest OS compatibility list: each image in the catalog, whether it runs here and why not."""
+    c = CTX.client()
+    report: dict[str, Any] = c.request("GET", "/v1/host")["compat"] if c is not None else CTX.host().catalog.compat()
+    if as_json:
+        emit_json(report)
+        return
+    h = report["host"]
+    fw = h["firmware"]
+    say(f"QEMU {h['qemu']} ({h['virttype']}), machine {h['machine']['asked']}: "
+        f"{h['machine']['canonical'] or 'not offered'}" + (f" ({h['error']})" if h.get("error") else ""))
+    say("firmware: bios" + (f", uefi ({fw['loader']}, NVRAM template {fw['nvram_template']})" if fw["uefi"] else
+                            ", no uefi") + f"; loaders libvirt lists: {', '.join(fw['loaders']) or 'none'}")
+    say(f"devices: {', '.join(h['devices']) or 'none'}")
+    table = table_of("IMAGE", "STATE", "KIND", "FIRMWARE", "RUNS HERE", "WHY NOT")
+    for i in report["images"]:
+        table.add_row(i["image"], i["state"], i["kind"], str(i["firmware"]), "yes" if i["runs"] else "no",
+                      "; ".join(i["why_not"]))
+    out.print(table)
+
+
 token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
 app.add_typer(token_app, name="token")
 

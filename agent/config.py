@@ -179,6 +179,11 @@ class Config(BaseModel):
         return self.state_dir / "state.db"
 
     @property
+    def accel_cache(self) -> Path:
+        """The accelerator probe's answer, with the boot it was made in (agent.host)."""
+        return self.state_dir / "accel.json"
+
+    @property
     def inbox(self) -> Path:
         return self.inbox_dir or self.state_dir / "inbox"
 

@@ -24,6 +24,8 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ET.register_namespace("hv", HV_NS)
 ET.register_namespace("qemu", QEMU_NS)
 
+# The OVMF pair a UEFI domain gets when libvirt's domain capabilities were not asked (see
+# ``Domain.uefi``): Debian's non-secure-boot build.
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 USERNET_ID = "hvnet0"
@@ -88,6 +90,17 @@ def _check_mac(mac: str) -> None:
 class Firmware(StrEnum):
     BIOS = "bios"
     UEFI = "uefi"
+
+
+@dataclass(frozen=True)
+class UefiPaths:
+    """A UEFI loader (read-only code) and the template its per-domain NVRAM is copied from."""
+
+    code: Path = OVMF_CODE
+    vars: Path = OVMF_VARS
+
+
+FALLBACK_UEFI = UefiPaths()
 
 
 class DomainType(StrEnum):
@@ -413,6 +426,9 @@ class Domain:
     metadata: Metadata
     guest_agent: GuestAgentChannel | None = GuestAgentChannel()
     rng: Rng | None = Rng()
+    # The OVMF pair of a UEFI domain. None: not chosen yet; Virt.define takes the one libvirt's
+    # domain capabilities offer (agent.compat), and a domain rendered without it gets FALLBACK_UEFI.
+    uefi: UefiPaths | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -428,6 +444,8 @@ class Domain:
             raise InputError(f"domain {self.name}: duplicate disk targets {targets}")
         if self.nvram is not None and self.firmware is not Firmware.UEFI:
             raise InputError(f"domain {self.name}: nvram is only for uefi firmware")
+        if self.uefi is not None and self.firmware is not Firmware.UEFI:
+            raise InputError(f"domain {self.name}: a UEFI loader is only for uefi firmware")
 
     def element(self) -> ET.Element:
         root = ET.Element("domain", {"type": str(self.dtype)})
@@ -462,8 +480,9 @@ class Domain:
         _sub(os_el, "type", "hvm", arch="x86_64", machine=self.machine)
         if self.firmware is Firmware.UEFI:
             # Explicit loader instead of firmware='efi': auto-selection may pick a secure-boot build.
-            _sub(os_el, "loader", str(OVMF_CODE), readonly="yes", secure="no", type="pflash")
-            _sub(os_el, "nvram", str(self.nvram) if self.nvram else None, template=str(OVMF_VARS))
+            uefi = self.uefi or FALLBACK_UEFI
+            _sub(os_el, "loader", str(uefi.code), readonly="yes", secure="no", type="pflash")
+            _sub(os_el, "nvram", str(self.nvram) if self.nvram else None, template=str(uefi.vars))
         _sub(os_el, "boot", dev="hd")
         if self.firmware is Firmware.BIOS:
             _sub(os_el, "bios", useserial="yes")
@@ -505,6 +524,10 @@ class Domain:
             nic = UserNet.parse(cmdline) or nic
         devices = _find(root, "devices", "devices")
         rng = devices.find("rng")
+        uefi = None
+        if loader is not None:
+            template = nvram.get("template") if nvram is not None else None
+            uefi = UefiPaths(Path((loader.text or "").strip()), Path(template) if template else OVMF_VARS)
         return cls(
             name=_text(root, "name", "name"),
             uuid=_text(root, "uuid", "uuid"),
@@ -520,6 +543,7 @@ class Domain:
             metadata=Metadata.parse(vm),
             guest_agent=GuestAgentChannel() if GuestAgentChannel.find(devices) is not None else None,
             rng=Rng.parse(rng) if rng is not None else None,
+            uefi=None if uefi == FALLBACK_UEFI else uefi,  # what an unchosen pair renders as
         )
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.canary import Canary
-from agent.catalog import Catalog
+from agent.catalog import Catalog, LibvirtCaps
 from agent.config import Accel, Config
 from agent.domxml import DomainType
 from agent.errors import Conflict, EnvError
@@ -38,7 +38,7 @@ class Host:
                            hint="run as root or set state_dir in the configuration") from e
         self.state = State(cfg.db_path)
         self.lock = HostLock(cfg.state_dir)  # this thread's hold of the host lock
-        self.catalog = Catalog(cfg, self.state)
+        self.catalog = Catalog(cfg, self.state, LibvirtCaps(cfg))
         self.virt = Virt(cfg.libvirt_uri, attempts=libvirt_attempts)
         self.provisioner = Provisioner(cfg, self.state, self.catalog, self.virt, self.accelerator)
         self.swapper = Swapper(cfg, self.state, self.catalog, self.virt, self.provisioner, self.accelerator,
@@ -96,7 +96,7 @@ class Host:
         if self.cfg.accelerator is not Accel.AUTO:
             self._accel = DomainType(self.cfg.accelerator.value)
             return self._accel
-        cache = self.cfg.state_dir / "accel.json"
+        cache = self.cfg.accel_cache
         boot_id = _boot_id()
         try:
             cached = json.loads(cache.read_text())

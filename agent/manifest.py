@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.compat import Device, parse_qemu_version
 from agent.domxml import Firmware
 from agent.errors import InputError
 from agent.version import Version, check_image_name
@@ -40,6 +41,8 @@ class Manifest(BaseModel):
     built_at: str | None = None
     build_id: str | None = None
     packages: dict[str, str] = Field(default_factory=dict)
+    # Devices the guest needs beyond those every hvagent domain has (agent.compat.BASE_DEVICES).
+    devices: tuple[Device, ...] = ()
 
     @field_validator("name")
     @classmethod
@@ -71,6 +74,24 @@ class Manifest(BaseModel):
     def _machine(cls, v: str) -> str:
         if v != "q35":
             raise ValueError("only q35 is supported")
+        return v
+
+    @field_validator("min_qemu")
+    @classmethod
+    def _min_qemu(cls, v: str) -> str:
+        parse_qemu_version(v)
+        return v
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, v: object) -> object:
+        names = [d.value for d in Device]
+        accepted = ", ".join(names)
+        if not isinstance(v, list | tuple):
+            raise ValueError(f"must be a list of device names; accepted: {accepted}")
+        for item in v:
+            if item not in names:
+                raise ValueError(f"{item!r} is not a device hvagent checks; accepted: {accepted}")
         return v
 
     @field_validator("ssh_user", "variant")

@@ -20,6 +20,9 @@ operator started it with ``--now``. Retirement moves wait for the window too.
 A VM its tenant stopped is never started by a rollout: its step is skipped. Once it runs again,
 ``catch_up`` (each reconcile pass of the daemon) starts a rollout for the latest-track VMs that
 are behind their family's newest active version, so it is swapped then, health-gated as any.
+
+A version this host cannot run (agent.compat: say QEMU was downgraded after its publish) is never
+a target: the family's newest version it can run is, and the skip is an event with the reason.
 """
 
 from __future__ import annotations
@@ -143,6 +146,9 @@ class Rollouts:
         if self.active(name, family) is not None:
             raise Conflict(f"family: {name}-{family} has a rollout in progress; see hvagent rollout status")
         target = self.catalog.resolve(Track(name, family, None))
+        for image, why in self.catalog.unrunnable(name, family, newest_only=True):
+            self.state.event("rollout.skipped", f"{image.ref} is not a target: this host cannot run it "
+                             f"({'; '.join(why)}); {name}-{family}.* resolves to {target.version}")
         tv = Version.parse(target.version)
         vms = [v for v in self.followers(name, family) if Version.parse(v.version) < tv]
         if not vms:

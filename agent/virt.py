@@ -10,6 +10,7 @@ without hvagent's metadata (invariant 9).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -23,16 +24,18 @@ from typing import Any, TypeVar
 import libvirt
 import tenacity
 
+from agent import compat
+from agent.compat import HostCaps
 from agent.domxml import (
     GUEST_FILTER,
     HV_NS,
-    OVMF_CODE,
     Domain,
     DomainType,
     Firmware,
     GuestFilter,
     Metadata,
     NetworkNic,
+    UefiPaths,
     filter_xml,
     guest_agent_connected,
     metadata_from_element,
@@ -277,7 +280,10 @@ class Virt:
         """Define (or redefine) a managed domain. A same-named domain we did not create is refused.
 
         A domain on a network or bridge gets the guest filter first, with the host's addresses now.
+        A UEFI domain without a chosen loader gets the one libvirt's domain capabilities offer.
         """
+        if dom.firmware is Firmware.UEFI and dom.uefi is None:
+            dom = dataclasses.replace(dom, uefi=self.host_caps(dom.dtype).uefi)
         xml = to_xml(dom)
         if isinstance(dom.nic, NetworkNic) and dom.nic.filter == GUEST_FILTER:
             self.define_filter(guest_filter())
@@ -624,6 +630,22 @@ class Virt:
 
         return self._call("host facts", run)
 
+    def host_caps(self, dtype: DomainType, machine: str = "q35") -> HostCaps:
+        """The QEMU version libvirt runs and its domain capabilities for ``machine`` under ``dtype``
+        (agent.compat); a machine or domain type libvirt refuses gives capabilities without one."""
+
+        def run(conn: Any) -> tuple[int, str | None, str]:
+            version = int(conn.getVersion())
+            try:
+                return version, str(conn.getDomainCapabilities(None, "x86_64", machine, str(dtype), 0)), ""
+            except libvirt.libvirtError as e:
+                if self._is_connection_error(e):
+                    raise
+                return version, None, _message(e)
+
+        version, xml, why = self._call("domain capabilities", run)
+        return compat.host_caps(version, str(dtype), machine, xml, why, compat.read_descriptors())
+
     # -- acceleration probe ---------------------------------------------------------------------
 
     def probe_accel(self, workdir: Path, name: str = "hvagent-probe-accel", wait: float = 10.0) -> DomainType:
@@ -638,9 +660,11 @@ class Virt:
         must keep running. Probes are always destroyed; they are also tied to our connection
         (AUTODESTROY) should hvagent die meanwhile.
         """
-        return choose_accel(lambda firmware: self._probe_one(workdir, name, firmware, wait), OVMF_CODE.exists())
+        uefi = self.host_caps(DomainType.QEMU).uefi  # the loaders are the same under either
+        return choose_accel(lambda firmware: self._probe_one(workdir, name, firmware, wait, uefi), uefi is not None)
 
-    def _probe_one(self, workdir: Path, name: str, firmware: Firmware, wait: float) -> bool:
+    def _probe_one(self, workdir: Path, name: str, firmware: Firmware, wait: float,
+                   uefi: UefiPaths | None = None) -> bool:
         workdir.mkdir(parents=True, exist_ok=True)
         console = workdir / f"{name}.log"
         console.unlink(missing_ok=True)
@@ -654,6 +678,7 @@ class Virt:
             dtype=DomainType.KVM,
             console_log=console,
             nvram=nvram,
+            uefi=uefi if firmware is Firmware.UEFI else None,
             metadata=Metadata(
                 owner="hvagent",
                 track="probe",
@@ -725,7 +750,7 @@ def choose_accel(boots: Callable[[Firmware], bool], uefi: bool) -> DomainType:
     under KVM; the first that does not decides for QEMU (TCG) and no further probe runs."""
     for firmware in (Firmware.BIOS, Firmware.UEFI):
         if firmware is Firmware.UEFI and not uefi:
-            log.info("KVM probe: %s is missing; SeaBIOS alone decides", OVMF_CODE)
+            log.info("KVM probe: libvirt offers no UEFI loader; SeaBIOS alone decides")
             continue
         if not boots(firmware):
             return DomainType.QEMU

@@ -1,5 +1,5 @@
 """Service and host: ``/healthz`` for anyone (no token); ``/metrics`` (Prometheus) and ``/v1/host``
-(facts, capacity, accelerator) for admins only."""
+(facts, capacity, accelerator, the guest OS compatibility list) for admins only."""
 
 from __future__ import annotations
 
@@ -40,4 +40,4 @@ def metrics(_: Admin, request: Request) -> Response:
 def host_facts(_: Admin, d: DaemonDep) -> dict[str, Any]:
     host = d.host()
     return {"facts": host.virt.host_facts(), "capacity": host.provisioner.capacity(),
-            "accelerator": host.accelerator().value, "version": __version__}
+            "accelerator": host.accelerator().value, "compat": host.catalog.compat(), "version": __version__}

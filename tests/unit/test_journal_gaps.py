@@ -29,6 +29,7 @@ from agent.state import (
     VmState,
 )
 from agent.swap import Outcome, Swapper
+from tests.unit.hostcaps import CAPS
 
 pytestmark = pytest.mark.unit
 
@@ -51,7 +52,7 @@ def host(tmp_path: Path) -> Iterator[Host]:
                                   "ssh_keys": [new_ed25519("t").public]})
     state.add_vm(VmRow("v", "t", "tiny-1.*", "tiny", "1.0", VmState.RUNNING, None, "u-1", "52:54:00:00:00:01",
                        22300, "v-old", spec.model_dump(mode="json"), spec.digest(), 0.0, 0.0))
-    yield Host(cfg, state, Catalog(cfg, state))
+    yield Host(cfg, state, Catalog(cfg, state, lambda: CAPS))
     state.close()
 
 
@@ -221,7 +222,7 @@ def test_a_booting_canary_counts_against_capacity(tmp_path: Path) -> None:
 
     cfg = Config(state_dir=tmp_path, capacity_vcpus=2, capacity_memory_mib=1024)
     state = State(cfg.db_path)
-    prov = Provisioner(cfg, state, Catalog(cfg, state), None, lambda: None)  # type: ignore[arg-type]
+    prov = Provisioner(cfg, state, Catalog(cfg, state, lambda: CAPS), None, lambda: None)  # type: ignore[arg-type]
     one = VmSpec.model_validate({"name": "w", "owner": "t", "image": "tiny-1.*", "cpus": 2,
                                  "ssh_keys": [new_ed25519("t").public]})
     prov.check_capacity([one])  # room for it alone

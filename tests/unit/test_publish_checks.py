@@ -18,6 +18,7 @@ from agent.config import Config
 from agent.errors import ImageRefused
 from agent.manifest import Manifest
 from agent.state import State
+from tests.unit.hostcaps import CAPS
 
 pytestmark = pytest.mark.unit
 
@@ -41,7 +42,7 @@ class Counted(io.BytesIO):
 def catalog(tmp_path: Path) -> Iterator[Catalog]:
     cfg = Config(state_dir=tmp_path, max_virtual_size=GiB)
     state = State(cfg.db_path)
-    yield Catalog(cfg, state)
+    yield Catalog(cfg, state, lambda: CAPS)
     state.db.close()
 
 
@@ -107,7 +108,7 @@ def test_qcow2_headers_are_checked_before_copying(catalog: Catalog, tmp_path: Pa
 def test_unknown_size_stream_is_cut_at_the_bound(catalog: Catalog, tmp_path: Path) -> None:
     """A stream of unknown length (an upload) stops being copied once it passes the largest file."""
     cfg = Config(state_dir=tmp_path, max_virtual_size=1 << 20)
-    small = Catalog(cfg, catalog.state)
+    small = Catalog(cfg, catalog.state, lambda: CAPS)
     path = tmp_path / "in.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1M"], check=True)
     data = path.read_bytes() + b"\0" * (qcow2.max_file_size(1 << 20))

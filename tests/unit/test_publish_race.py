@@ -21,6 +21,7 @@ from agent.config import Config
 from agent.errors import Conflict
 from agent.manifest import Manifest
 from agent.state import ImageRow, State
+from tests.unit.hostcaps import CAPS
 
 pytestmark = [pytest.mark.unit,
               pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")]
@@ -49,7 +50,7 @@ def test_the_second_link_of_one_version_is_a_conflict_and_the_first_stays(tmp_pa
                  virtual_size=1 << 20, firmware="bios")
     cfg = Config(state_dir=tmp_path / "state", max_virtual_size=1 << 30)
     states = [State(cfg.db_path), State(cfg.db_path)]
-    catalogs = [Catalog(cfg, s) for s in states]
+    catalogs = [Catalog(cfg, s, lambda: CAPS) for s in states]
     sources = [Gated(data), Gated(data)]
     results: list[ImageRow | Exception | None] = [None, None]
 
