@@ -9,6 +9,7 @@ import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -77,9 +78,19 @@ async def deny(scope: MutableMapping[str, Any], receive: Any, send: Any, respons
         await send({"type": "websocket.close", "code": 1008})
 
 
+LINGER_S = 2.0  # how long a refused request's unread body is drained, at most
+LINGER_IDLE_S = 0.5  # ... and how long the client may pause within it
+
+
 class BodyLimit:
-    """413 for a body over the limit: Content-Length checked first, streamed bodies counted. A
-    response sent before the whole body was read closes the connection: the rest is not read."""
+    """413 for a body over the limit: Content-Length checked first, streamed bodies counted.
+
+    A response sent before the whole body was read (this 413, the gate's 401, any early refusal)
+    closes the connection, and lingers first, as nginx's lingering close does: what the client
+    still sends is read and dropped for at most ``LINGER_S`` before the response's last chunk.
+    Closing a socket with unread data makes the kernel reset the connection, and a reset can
+    destroy the response the client has not read yet (seen: a 413 whose headers arrived and
+    whose body did not). Nothing drained is kept."""
 
     def __init__(self, app: ASGIApp, limit: Callable[[str, str], tuple[int, str]]) -> None:
         self.app = app
@@ -104,12 +115,31 @@ class BodyLimit:
             pending = pending and bool(message.get("more_body")) and message["type"] == "http.request"
             return message
 
+        held = False
+
         async def closing(message: MutableMapping[str, Any]) -> None:
+            nonlocal held
             if message["type"] == "http.response.start" and pending:
                 message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and not message.get("more_body") and pending:
+                message, held = {**message, "more_body": True}, True
             await send(message)
 
         if length is not None and (not length.isdigit() or int(length) > limit):
             await JSONResponse({"error": too_large}, status_code=413)(scope, receive, closing)
-            return
-        await self.app(scope, counted, closing)
+        else:
+            await self.app(scope, counted, closing)
+        if held:
+            await drain(receive)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def drain(receive: Any) -> None:
+    """Read and drop the rest of a request's body: until it ends, the client pauses for
+    ``LINGER_IDLE_S`` or ``LINGER_S`` have passed."""
+    with anyio.move_on_after(LINGER_S):
+        while True:
+            with anyio.move_on_after(LINGER_IDLE_S) as idle:
+                message = await receive()
+            if idle.cancelled_caught or message["type"] != "http.request" or not message.get("more_body"):
+                return

@@ -105,6 +105,28 @@ def test_upload_without_an_admin_token_is_refused_before_the_body(daemon: Daemon
     assert spooled(daemon) == []
 
 
+@pytest.mark.parametrize(("who", "status"), [("nobody", 401), ("ops", 413)])
+def test_an_early_refusal_reaches_a_client_that_sent_its_whole_body(daemon: Daemon, who: str, status: int) -> None:
+    """The client sends all of its body before it reads (as httpx does), and reads a second later:
+    the refusal is still there to read. A server closing the socket with the body unread makes the
+    kernel reset the connection, which destroys the unread answer (a CI run saw a 413's headers
+    arrive and its body not)."""
+    ctype, body = upload_form([("manifest", ("m.yaml", b"name: x\n")), ("image", ("x.qcow2", b"\0" * (2 * MiB)))])
+    token = "not-a-token" if who == "nobody" else daemon.tokens[who]
+    # 413: the announced length is over the bound before the body; 401: the token
+    s = post(daemon, token, ctype, len(body) if who == "nobody" else 2 * GiB)
+    with s:
+        try:
+            s.sendall(body)
+        except OSError as e:
+            pytest.fail(f"the server reset the connection while the client sent its body: {e}")
+        time.sleep(1)
+        got, error, closed = response(s)
+    assert (got, closed) == (status, True), error
+    assert error and "\n" not in error
+    assert spooled(daemon) == []
+
+
 def test_upload_streams_into_the_store_and_is_spooled_nowhere(daemon: Daemon) -> None:
     src = image("tiny-1.0")
     data = src.read_bytes()
