@@ -5,20 +5,26 @@ PY := $(VENV)/bin/python
 PYTHON := $(abspath $(PY))
 export PYTHON
 
-.PHONY: all host venv images demo test test-unit test-integration lint bench clean bundle bundle-debs host-container
+.PHONY: all host host-demo venv images demo test test-unit test-integration lint bench clean bundle bundle-debs \
+	host-container
 
 all: test
 
+# The host's Debian packages and daemons: all that the tests use (.ci/host-setup), or, when `demo` is
+# the only goal, only what the demo and images-tiny use (no Docker, no Vagrant).
 host:
 	@bash .ci/host-setup
+host-demo:
+	@bash .ci/host-setup demo
+HOST := $(if $(filter-out demo,$(or $(MAKECMDGOALS),all)),host,host-demo)
 
-$(VENV)/.installed: pyproject.toml | host
+$(VENV)/.installed: pyproject.toml | $(HOST)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,dev]'
 	touch $@
 
-venv: host $(VENV)/.installed
+venv: $(HOST) $(VENV)/.installed
 
 include images/images.mk
 

@@ -9,6 +9,10 @@ recorded.
 Every image in the catalog is one this host can run (invariant 12): its manifest's needs are
 checked against the host's capabilities (agent.compat) at publish, when a track picks a version
 (one this host can no longer run is skipped, say after QEMU was downgraded) and when a base is used.
+
+Installer media (``kind: installer``, an ISO; ``kind: netboot``, a PXE bundle's directory) are
+published the same way, checked by agent.media, and stored read-only beside the disk images under
+names of their own. They are never a VM's disk: no track, rollout or VM's ``image:`` takes them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections import Counter
@@ -26,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import files, imageinfo, qcow2
+from agent import files, imageinfo, media, qcow2
 from agent.compat import HostCaps, Needs, check
 from agent.config import Accel, Config
 from agent.domxml import DomainType
 from agent.errors import Conflict, EnvError, ImageRefused, InputError, NotFound
 from agent.faults import point as fault
-from agent.manifest import Manifest, load_manifest
+from agent.manifest import AnyManifest, Kind, Manifest, MediaManifest, kind_of, load_any_manifest
 from agent.state import ImageRow, ImageState, State
 from agent.version import Track, Version
 from agent.virt import Virt
@@ -59,7 +64,32 @@ class CatalogEntry:
 
 
 def default_manifest_path(image: Path) -> Path:
+    """FILE.yaml beside FILE; a bundle's directory DIR has DIR.yaml, and a manifest is its own."""
+    if image.suffix == ".yaml":
+        return image
+    if image.is_dir() and not image.is_symlink():
+        return image.with_name(image.name + ".yaml")
     return image.with_suffix(".yaml")
+
+
+def remove_stored(path: Path) -> None:
+    """Remove a stored file, or a bundle's read-only directory tree, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        for d in [path, *(p for p in path.rglob("*") if p.is_dir() and not p.is_symlink())]:
+            os.chmod(d, 0o700)
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _make_read_only(path: Path) -> None:
+    """Files 0444, directories 0555, deepest first (a read-only directory takes no chmod below it)."""
+    if path.is_dir() and not path.is_symlink():
+        for p in sorted(path.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+            os.chmod(p, 0o555 if p.is_dir() else 0o444, follow_symlinks=False)
+        os.chmod(path, 0o555)
+    else:
+        os.chmod(path, 0o444)
 
 
 class LibvirtCaps:
@@ -98,7 +128,8 @@ class LibvirtCaps:
 def unmet(row: ImageRow, caps: HostCaps) -> list[str]:
     """What ``row`` needs that this host lacks (agent.compat.check); empty when it runs here."""
     try:
-        needs = Needs.stored(row.manifest)
+        needs = Needs.stored(row.manifest) if kind_of(row.manifest) is Kind.DISK else \
+            MediaManifest.model_validate(row.manifest).needs
     except ValueError as e:
         return [f"manifest: {e}"]
     return check(needs, caps)
@@ -119,14 +150,24 @@ class Catalog:
         except OSError as e:
             raise EnvError(f"{self.store}: cannot create the image store ({e.strerror})") from e
 
-    def path_for(self, m: Manifest) -> Path:
-        return self.store / m.name / f"{m.name}-{m.version}.qcow2"
+    def path_for(self, m: AnyManifest) -> Path:
+        """A disk's qcow2 file, an installer's ISO, a netboot bundle's directory."""
+        suffix = {Kind.DISK: ".qcow2", Kind.INSTALLER: ".iso", Kind.NETBOOT: ""}[m.kind]
+        return self.store / m.name / f"{m.name}-{m.version}{suffix}"
 
     # publish -------------------------------------------------------------------------------
     def publish(self, image: Path, manifest_path: Path | None = None,
                 progress: Progress | None = None, rollout: str | None = None) -> ImageRow:
+        """Publish a disk image or an installer ISO (FILE, its manifest beside it), or a netboot
+        bundle (its directory DIR, or its manifest DIR.yaml)."""
         manifest_path = manifest_path or default_manifest_path(image)
-        m = load_manifest(manifest_path)
+        m = load_any_manifest(manifest_path)
+        if isinstance(m, MediaManifest) and m.kind is Kind.NETBOOT:
+            bundle = image.with_suffix("") if image == manifest_path else image
+            return self.publish_bundle(bundle, m)
+        if image == manifest_path:
+            raise InputError(f"{image}: is the manifest; publish the image file, its manifest beside it "
+                             f"(kind {m.kind})")
         if image.is_symlink():
             raise ImageRefused(f"{image}: is a symbolic link; publish the file itself")
         if not image.is_file():
@@ -138,17 +179,120 @@ class Catalog:
         with open(fd, "rb") as src:
             return self.publish_stream(src, m, str(image), os.fstat(fd).st_size, progress, rollout)
 
-    def publish_stream(self, src: Source, m: Manifest, shown: str, size: int | None = None,
+    def publish_stream(self, src: Source, m: AnyManifest, shown: str, size: int | None = None,
                        progress: Progress | None = None, rollout: str | None = None) -> ImageRow:
         """Publish the image read from ``src`` (a file, an upload) under manifest ``m``; refusals
         name ``shown``. Its bytes are hashed while copied into the store, once.
 
         ``rollout``: the publish's rollout policy (auto, manual). Given, its trigger is journaled
         (``TRIGGER``) before the image is recorded and left open for ``Rollouts.on_publish``,
-        which the caller calls next: a crash between the two still gets the rollout started."""
+        which the caller calls next: a crash between the two still gets the rollout started.
+        Installer media start no rollout: theirs is never journaled."""
+        if isinstance(m, MediaManifest):
+            if m.kind is Kind.NETBOOT:
+                raise InputError(f"{shown}: kind netboot: a PXE bundle is a directory of files, not one upload; "
+                                 "publish it on the host: hvagent images publish DIR")
+            return self._publish_iso(src, m, shown, size, progress)
+        self._check_new(m)
+        head, header = self._check_before_copy(src, m, shown, size)
+
+        def fill(tmp: Path) -> tuple[str, int]:
+            digest = _copy_hashing(head, src, tmp, size, qcow2.max_file_size(self.cfg.max_virtual_size), shown,
+                                   progress, "the most an accepted qcow2 image takes (max_virtual_size plus metadata)")
+            fault("publish.copied")
+            if digest != m.sha256:
+                raise ImageRefused(f"{shown}: sha256 {digest} differs from the manifest's {m.sha256}")
+            # the checks run on our private copy; refusals name the file the user gave
+            imageinfo.inspect(tmp, self.cfg.max_virtual_size, shown=shown)
+            return digest, header.size
+
+        return self._commit(m, fill, rollout, f"firmware={m.firmware}")
+
+    def _publish_iso(self, src: Source, m: MediaManifest, shown: str, size: int | None,
+                     progress: Progress | None) -> ImageRow:
+        """An installer ISO: refused from its manifest, size and first 34 KiB before a byte is
+        written; copied hashing; the whole private copy checked again (agent.media)."""
+        self._check_new(m)
+        limit = self.cfg.max_virtual_size
+        for what, n in (("the manifest's size", m.size), ("the file", size)):
+            if n is not None:
+                media.check_size(n, limit, f"{shown}: {what}" if what != "the file" else shown)
+        if m.size is not None and size is not None and m.size != size:
+            raise ImageRefused(f"{shown}: {size} bytes differs from the manifest's size {m.size}")
+        head = _read_up_to(src, media.HEAD_BYTES)
+        media.parse_head(head, size if len(head) == media.HEAD_BYTES else len(head), shown)
+        self._check_runs(m, shown)
+
+        def fill(tmp: Path) -> tuple[str, int]:
+            digest = _copy_hashing(head, src, tmp, size, limit, shown, progress,
+                                   "the most an installer ISO may take (max_virtual_size)")
+            if digest != m.sha256:
+                raise ImageRefused(f"{shown}: sha256 {digest} differs from the manifest's {m.sha256}")
+            stored = tmp.stat().st_size
+            if m.size is not None and stored != m.size:
+                raise ImageRefused(f"{shown}: {stored} bytes differs from the manifest's size {m.size}")
+            media.inspect_iso(tmp, limit, shown)
+            return digest, stored
+
+        return self._commit(m, fill, None, f"kind={m.kind} firmware={','.join(m.firmware)}")
+
+    def publish_bundle(self, bundle: Path, m: MediaManifest) -> ImageRow:
+        """A netboot bundle's directory: exactly the files its manifest lists (no link, nothing
+        else), its listing's sha256 the manifest's, each file copied hashing into the store and
+        checked against its own sha256; kernel, initrd and boot file are no disk image."""
+        shown = str(bundle)
+        self._check_new(m)
+        if (listed := media.listing_sha256(m.files)) != m.sha256:
+            raise ImageRefused(f"{shown}: the listing of the manifest's files has sha256 {listed}, "
+                               f"the manifest says {m.sha256}")
+        if not bundle.is_dir() and not bundle.is_symlink():
+            raise InputError(f"{shown}: no such bundle directory (kind netboot: the directory its manifest names)")
+        sizes = media.scan_bundle(bundle, m.files, shown)
+        limit = self.cfg.max_virtual_size
+        media.check_size(sum(sizes.values()), limit, shown, "a netboot bundle's files together")
+        self._check_runs(m, shown)
+        heads = {m.bootfile, m.kernel, m.initrd}
+
+        def fill(tmp: Path) -> tuple[str, int]:
+            os.mkdir(tmp, 0o755)
+            total = 0
+            for name in sorted(m.files):
+                fd = media.open_member(bundle, name, shown)
+                with open(fd, "rb") as src:
+                    head = _read_up_to(src, media.TAIL_BYTES)
+                    if name in heads:
+                        media.check_member_head(head, name, shown)
+                    dst = tmp / name
+                    dst.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                    digest = _copy_hashing(head, src, dst, None, limit - total, f"{shown}: {name}", None,
+                                           "what is left of max_virtual_size for the bundle")
+                if digest != m.files[name]:
+                    raise ImageRefused(f"{shown}: {name}: sha256 {digest} differs from the manifest's {m.files[name]}")
+                total += dst.stat().st_size
+            return m.sha256, total
+
+        return self._commit(m, fill, None, f"kind={m.kind} files={len(m.files)}")
+
+    def _check_new(self, m: AnyManifest) -> None:
+        """Refuse a version the catalog has, and a kind its name does not have: a name is one
+        lineage, its versions all disks or all media of one kind."""
         if self.state.image(m.name, m.version) is not None:
             raise Conflict(f"image {m.ref}: already in the catalog (published images never change)")
-        head, header = self._check_before_copy(src, m, shown, size)
+        other = {kind_of(r.manifest) for r in self.state.images() if r.name == m.name} - {m.kind}
+        if other:
+            raise InputError(f"image {m.ref}: kind {m.kind}, and {m.name} names kind {other.pop()} images in this "
+                             f"catalog; each kind needs names of its own")
+
+    def _check_runs(self, m: AnyManifest, shown: str) -> None:
+        needs = m.needs if isinstance(m, MediaManifest) else m
+        if why := check(needs, self.caps()):
+            raise ImageRefused(f"{shown}: this host cannot run {m.ref}: {'; '.join(why)}")
+
+    def _commit(self, m: AnyManifest, fill: Callable[[Path], tuple[str, int]], rollout: str | None,
+                what: str) -> ImageRow:
+        """Store ``m``'s file or directory atomically: ``fill`` writes and checks it at a temporary
+        path, giving its sha256 and size; it is then made read-only, placed and recorded, or
+        removed with the intent journaled around it."""
         final = self.path_for(m)
         made = [d for d in (final.parent, self.store) if not d.exists()]  # removed again if refused
         self._ensure_store()
@@ -158,41 +302,40 @@ class Catalog:
         trigger = None if rollout is None else self.state.begin(TRIGGER, m.ref, {"policy": str(rollout)})
         linked = recorded = False
         try:
-            digest = _copy_hashing(head, src, tmp, size, qcow2.max_file_size(self.cfg.max_virtual_size), shown,
-                                   progress)
-            fault("publish.copied")
-            if digest != m.sha256:
-                raise ImageRefused(f"{shown}: sha256 {digest} differs from the manifest's {m.sha256}")
-            # the checks run on our private copy; refusals name the file the user gave
-            imageinfo.inspect(tmp, self.cfg.max_virtual_size, shown=shown)
-            os.chmod(tmp, 0o444)
+            digest, size = fill(tmp)
+            _make_read_only(tmp)
             fault("publish.checked")
             try:
-                os.link(tmp, final)  # fails if a concurrent publish already placed this version
+                if tmp.is_dir():
+                    os.mkdir(final)  # fails if a concurrent publish already placed this version
+                    linked = True
+                    os.rename(tmp, final)  # onto our own empty directory
+                else:
+                    os.link(tmp, final)  # fails if a concurrent publish already placed this version
             except FileExistsError as e:
                 raise Conflict(f"image {m.ref}: already being published") from e
             linked = True
             files.fsync_dir(final.parent)
             fault("publish.linked")
             row = ImageRow(m.name, m.version, m.family, m.parsed_version.minor, digest, str(final),
-                           header.size, ImageState.ACTIVE, m.model_dump(mode="json"), self.state.clock())
+                           size, ImageState.ACTIVE, m.model_dump(mode="json"), self.state.clock())
             self.state.add_image(row)
             recorded = True
             fault("publish.recorded")
-            self.state.event("image.published", f"{m.ref} sha256={digest[:12]} firmware={m.firmware}")
+            self.state.event("image.published", f"{m.ref} sha256={digest[:12]} {what}")
             return row
         except BaseException:
             if trigger is not None and not recorded:
                 self.state.done(trigger)
             if linked and self.state.image(m.name, m.version) is None:
-                final.unlink(missing_ok=True)
-            tmp.unlink(missing_ok=True)  # now, not in `finally`: the directories below must be empty
+                remove_stored(final)
+            remove_stored(tmp)  # now, not in `finally`: the directories below must be empty
             for d in made:
                 with contextlib.suppress(OSError):  # not empty: a concurrent publish uses it
                     d.rmdir()
             raise
         finally:
-            tmp.unlink(missing_ok=True)
+            remove_stored(tmp)
             self.state.done(intent)
 
     def _check_before_copy(self, src: Source, m: Manifest, shown: str,
@@ -213,8 +356,7 @@ class Catalog:
         qcow2.check_virtual_size(header, limit, shown)
         if header.size != m.virtual_size:
             raise ImageRefused(f"{shown}: virtual size {header.size} differs from the manifest's {m.virtual_size}")
-        if needs := check(m, self.caps()):
-            raise ImageRefused(f"{shown}: this host cannot run {m.ref}: {'; '.join(needs)}")
+        self._check_runs(m, shown)
         return head, header
 
     def recover(self) -> None:
@@ -223,15 +365,15 @@ class Catalog:
             if it.op == "gc":  # the row goes first, so a crash leaves at most the file to remove
                 name, _, version = it.target.rpartition("-")
                 if self.state.image(name, version) is None:
-                    Path(it.intent["path"]).unlink(missing_ok=True)
+                    remove_stored(Path(it.intent["path"]))
                 self.state.done(it.id)
                 continue
             if it.op != "publish":
                 continue
             name, _, version = it.target.rpartition("-")
-            Path(it.intent["tmp"]).unlink(missing_ok=True)
+            remove_stored(Path(it.intent["tmp"]))
             if self.state.image(name, version) is None:
-                Path(it.intent["final"]).unlink(missing_ok=True)
+                remove_stored(Path(it.intent["final"]))
             self.state.done(it.id)
 
     # queries -------------------------------------------------------------------------------
@@ -243,6 +385,10 @@ class Catalog:
         """The version ``track`` runs: pinned, or the newest active version of its family that this
         host can run (newer ones it cannot are skipped, logged with why)."""
         rows = self.state.images()
+        if media_rows := [r for r in rows if r.name == track.name and kind_of(r.manifest) is not Kind.DISK]:
+            kind = kind_of(media_rows[0].manifest)
+            raise InputError(f"image: {track} names {kind} media (kind {kind}); a VM's image, a latest track and a "
+                             f"rollout take disk images only (kind disk)")
         available = [(r.name, Version.parse(r.version)) for r in rows]
         active = [r for r in rows if r.state is ImageState.ACTIVE]
         if not track.pinned:
@@ -283,7 +429,7 @@ class Catalog:
         for r in self.state.images():
             why = unmet(r, caps)
             images.append({"image": r.ref, "name": r.name, "version": r.version, "state": str(r.state),
-                           "kind": str(r.manifest.get("kind", "disk")), "firmware": r.manifest.get("firmware"),
+                           "kind": str(kind_of(r.manifest)), "firmware": r.manifest.get("firmware"),
                            "runs": not why, "why_not": why})
         return {"host": caps.describe(), "images": images}
 
@@ -305,6 +451,8 @@ class Catalog:
     def base_for_use(self, row: ImageRow) -> Path:
         """The base file, re-checked (header, size, read-only, and that this host can run it)
         every time it is used."""
+        if (kind := kind_of(row.manifest)) is not Kind.DISK:
+            raise InputError(f"image {row.ref}: kind {kind} media are not a VM's disk (kind disk)")
         if why := unmet(row, self.caps()):
             raise Conflict(f"image {row.ref}: this host cannot run it: {'; '.join(why)}")
         path = Path(row.path)
@@ -320,8 +468,14 @@ class Catalog:
         return path
 
     def verify(self, row: ImageRow) -> bool:
-        """Full sha256 check of a stored base (invariant 1)."""
-        return _sha256(Path(row.path)) == row.sha256
+        """Full sha256 check of a stored base or ISO, or of each file of a bundle (invariant 1)."""
+        path = Path(row.path)
+        if kind_of(row.manifest) is Kind.NETBOOT:
+            listed: dict[str, str] = row.manifest.get("files", {})
+            stored = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir())
+            return stored == sorted(listed) and all(_sha256(path / n) == s for n, s in listed.items()) \
+                and media.listing_sha256(listed) == row.sha256
+        return _sha256(path) == row.sha256
 
 
 def _read_up_to(src: Source, n: int) -> bytes:
@@ -333,9 +487,9 @@ def _read_up_to(src: Source, n: int) -> bytes:
 
 
 def _copy_hashing(head: bytes, src: Source, dst: Path, total: int | None, bound: int, shown: str,
-                  progress: Progress | None) -> str:
+                  progress: Progress | None, bound_is: str) -> str:
     """Write ``head`` and the rest of ``src`` into the new file ``dst``, fsynced, refusing a file
-    over ``bound`` bytes; the sha256 of what was written."""
+    over ``bound`` bytes (``bound_is`` says what that bound is); the sha256 of what was written."""
     h = hashlib.sha256()
     done = 0
     try:
@@ -344,8 +498,7 @@ def _copy_hashing(head: bytes, src: Source, dst: Path, total: int | None, bound:
             while chunk:
                 done += len(chunk)
                 if done > bound:
-                    raise ImageRefused(f"{shown}: larger than {bound} bytes, the most an accepted qcow2 image "
-                                       f"takes (max_virtual_size plus metadata)")
+                    raise ImageRefused(f"{shown}: larger than {bound} bytes, {bound_is}")
                 h.update(chunk)
                 fout.write(chunk)
                 if progress:

@@ -18,10 +18,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Ta
 from rich.table import Table
 
 from agent import config as config_mod
+from agent.catalog import default_manifest_path
 from agent.cli_remote import remote_app, vm_app
 from agent.errors import EnvError, HealthError, HvError, InputError, NotFound, one_line
 from agent.health import run as ssh_run
 from agent.host import Host
+from agent.manifest import Kind, kind_of, load_any_manifest
 from agent.output import emit_json, err, out, say, table_of, timestamp
 
 if TYPE_CHECKING:
@@ -104,13 +106,15 @@ def _run_rollout(host: Host, rid: int) -> None:
 
 @images_app.command("publish")
 def images_publish(
-    file: Annotated[Path, typer.Argument(help="qcow2 image file")],
+    file: Annotated[Path, typer.Argument(help="qcow2 image, installer ISO, or netboot bundle (DIR or DIR.yaml)")],
     manifest: Annotated[Path | None, typer.Option("--manifest", "-m", help="default: FILE with .yaml")] = None,
     policy: Annotated[Policy | None, typer.Option(help="rollout policy for this publish; default from config")] = None,
 ) -> None:
-    """Check a qcow2 image (hostile until proven otherwise), add it to the catalog, roll it out."""
-    if (c := CTX.client()) is not None:
-        man = manifest or file.with_suffix(".yaml")
+    """Check a qcow2 image or installer media (hostile until proven otherwise), add it to the catalog, roll it out."""
+    man = manifest or default_manifest_path(file)
+    # A netboot bundle is a directory, which no upload carries: it is published here, under the host lock.
+    netboot = man.is_file() and load_any_manifest(man).kind is Kind.NETBOOT
+    if (c := CTX.client()) is not None and not netboot:
         for f in (file, man):
             if not f.is_file():
                 raise InputError(f"{f}: no such file")
@@ -129,7 +133,8 @@ def images_publish(
             policy = host.rollouts.policy(policy)
             row = host.catalog.publish(file, manifest, progress=lambda d, t: bar.update(task, completed=d, total=t),
                                        rollout=policy)
-        out.print(f"published {row.ref} (family {row.family}, sha256 {row.sha256[:16]}…) -> {row.path}")
+        out.print(f"published {row.ref} ({kind_of(row.manifest)}, family {row.family}, sha256 {row.sha256[:16]}…) "
+                  f"-> {row.path}")
         ro = host.rollouts.on_publish(row, policy)
         if ro is not None:
             _run_rollout(host, ro.id)
@@ -167,17 +172,20 @@ def images_gc(keep: Annotated[int | None, typer.Option(min=1, help="newest versi
 
 @images_app.command("list")
 def images_list(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
-    """Images in the catalog: family, version, sha256, state and how many VMs use each."""
+    """Images in the catalog: kind, family, version, sha256, state and how many VMs use each."""
     entries = CTX.host().catalog.entries()
     if as_json:
-        emit_json([{"name": e.row.name, "family": e.row.family, "version": e.row.version, "state": e.row.state,
+        emit_json([{"name": e.row.name, "kind": kind_of(e.row.manifest), "family": e.row.family,
+                     "version": e.row.version, "state": e.row.state,
                      "sha256": e.row.sha256, "virtual_size": e.row.virtual_size, "vms": e.vms,
                      "firmware": e.row.manifest.get("firmware"), "path": e.row.path,
                      "published_at": timestamp(e.row.published_at)} for e in entries])
         return
-    table = table_of("IMAGE", "FAMILY", "VERSION", "STATE", "FIRMWARE", "SHA256", "VMS")
+    table = table_of("IMAGE", "KIND", "FAMILY", "VERSION", "STATE", "FIRMWARE", "SHA256", "VMS")
     for e in entries:
-        table.add_row(e.row.name, str(e.row.family), e.row.version, e.row.state, str(e.row.manifest.get("firmware")),
+        firmware = e.row.manifest.get("firmware")
+        shown = ",".join(firmware) if isinstance(firmware, list) else str(firmware)
+        table.add_row(e.row.name, kind_of(e.row.manifest), str(e.row.family), e.row.version, e.row.state, shown,
                       e.row.sha256[:12], str(e.vms))
     out.print(table)
 

@@ -36,10 +36,11 @@ from enum import StrEnum
 from pathlib import Path
 
 from agent.canary import Canary, Fault
-from agent.catalog import TRIGGER, Catalog
+from agent.catalog import TRIGGER, Catalog, remove_stored
 from agent.config import Config
 from agent.errors import Conflict, HvError, InputError, NotFound
 from agent.faults import point as fault
+from agent.manifest import Kind, kind_of
 from agent.provision import VmPaths
 from agent.spec import VmSpec
 from agent.state import (
@@ -205,6 +206,8 @@ class Rollouts:
                     self.state.done(it.id)
 
     def _on_publish(self, image: ImageRow, policy: Policy | None) -> RolloutRow | None:
+        if kind_of(image.manifest) is not Kind.DISK:
+            return None  # installer media: no VM runs them, so none moves
         newest = self.catalog.resolve(Track(image.name, image.family, None))
         if newest.version != image.version:
             self.state.event("rollout.none", f"{image.ref} is not the newest usable version of its family "
@@ -571,7 +574,7 @@ class Rollouts:
                 fault("gc.journaled")
                 self.state.delete_image(r.name, r.version)
                 fault("gc.row-deleted")
-                Path(r.path).unlink(missing_ok=True)
+                remove_stored(Path(r.path))
                 self.state.done(intent)
                 removed.append(r.ref)
                 self.state.event("image.gc", f"{r.ref}: unused and older than the newest {keep} of its family")

@@ -95,3 +95,10 @@ def hvagent(state_dir: Path, *args: str, check: bool = False) -> subprocess.Comp
         (state_dir / "config.yaml").write_text(
             f"state_dir: {state_dir}\nport_min: 22400\nport_max: 22499\nhealth_timeout: 90\n")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, check=check, timeout=900)
+
+
+def store_snapshot(state_dir: Path) -> tuple[list[str], str]:
+    """The image store's files and ``images list --json``: equal before and after means nothing changed."""
+    store = state_dir / "images"
+    files = sorted(str(p.relative_to(store)) for p in store.rglob("*")) if store.exists() else []
+    return files, hvagent(state_dir, "images", "list", "--json").stdout

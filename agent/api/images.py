@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 from agent.api.common import Admin, DaemonDep, Who
 from agent.api.upload import FormStream, Part
 from agent.errors import InputError
-from agent.manifest import MAX_MANIFEST_BYTES, load_manifest
+from agent.manifest import MAX_MANIFEST_BYTES, kind_of, load_any_manifest
 from agent.rollout import Policy, RetirePolicy, parse_duration
 
 REF = r"^[a-z][a-z0-9-]{0,62}-[0-9]{1,6}\.[0-9]{1,6}$"
@@ -72,13 +72,14 @@ def _body_chunks(request: Request) -> Callable[[], bytes]:
 UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["manifest", "image"],
     "properties": {"manifest": {"type": "string", "format": "binary", "description": "first: YAML, at most 1 MiB"},
-                   "image": {"type": "string", "format": "binary", "description": "then: the qcow2 file"}}}}}}}
+                   "image": {"type": "string", "format": "binary", "description": "then: the qcow2 file (or ISO)"}}}}}}}
 
 
 # -- endpoints ---------------------------------------------------------------------------------
 @router.get("/v1/images")
 def images_list(p: Who, d: DaemonDep) -> list[dict[str, Any]]:
-    return [{"name": e.row.name, "family": e.row.family, "version": e.row.version, "state": e.row.state.value,
+    return [{"name": e.row.name, "kind": kind_of(e.row.manifest).value, "family": e.row.family,
+             "version": e.row.version, "state": e.row.state.value,
              "sha256": e.row.sha256, "virtual_size": e.row.virtual_size,
              "firmware": e.row.manifest.get("firmware"), **({"vms": e.vms} if p.admin else {})}
             for e in d.host().catalog.entries()]
@@ -87,10 +88,11 @@ def images_list(p: Who, d: DaemonDep) -> list[dict[str, Any]]:
 @router.post("/v1/images", status_code=201, openapi_extra=UPLOAD_BODY)
 def images_publish(_: Admin, d: DaemonDep, request: Request, policy: Annotated[Policy | None, Query(
         description="rollout policy for this publish; default from the configuration")] = None) -> dict[str, Any]:
-    """Publish an image (checked as hostile until proven otherwise); may start a rollout.
+    """Publish an image or an installer ISO (checked as hostile until proven otherwise); may start a rollout.
 
     multipart/form-data: the part ``manifest`` (YAML, at most 1 MiB) first, then ``image``, the
-    qcow2 file, which streams into the store's hashing copy as it arrives."""
+    qcow2 file (or the ISO of a ``kind: installer`` manifest), which streams into the store's
+    hashing copy as it arrives. A netboot bundle (a directory) is published on the host."""
     form = FormStream(request.headers.get("content-type"), _body_chunks(request))
     manifest_name = _upload_name(_upload_part(form.next_part(), "manifest").filename, "manifest.yaml")
     text = form.read_all(MAX_MANIFEST_BYTES, "manifest")
@@ -103,7 +105,7 @@ def images_publish(_: Admin, d: DaemonDep, request: Request, policy: Annotated[P
     with tempfile.TemporaryDirectory(dir=uploads) as tmp:  # load_manifest reads a file
         man = Path(tmp) / manifest_name
         man.write_bytes(text)
-        m = load_manifest(man)
+        m = load_any_manifest(man)
     shown = _upload_name(_upload_part(form.next_part(last=True), "image").filename, "upload.qcow2")
     with d.locked() as host:
         policy = host.rollouts.policy(policy)

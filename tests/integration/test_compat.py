@@ -15,7 +15,7 @@ import libvirt
 import pytest
 import yaml
 
-from tests.conftest import hvagent, image
+from tests.conftest import hvagent, image, store_snapshot
 from tests.integration.daemon_fixture import daemon_fixture
 
 pytestmark = pytest.mark.integration
@@ -28,12 +28,6 @@ def libvirt_qemu() -> str:
     finally:
         conn.close()
     return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
-
-
-def store_snapshot(state_dir: Path) -> tuple[list[str], str]:
-    store = state_dir / "images"
-    files = sorted(str(p.relative_to(store)) for p in store.rglob("*")) if store.exists() else []
-    return files, hvagent(state_dir, "images", "list", "--json").stdout
 
 
 @pytest.fixture

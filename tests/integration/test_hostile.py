@@ -22,7 +22,7 @@ import yaml
 from agent import config as config_mod
 from agent.host import Host
 from agent.seed import KeyPair
-from tests.conftest import destroy_all, hvagent, image, luks_qcow2
+from tests.conftest import destroy_all, hvagent, image, luks_qcow2, store_snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -153,12 +153,6 @@ CASES: dict[str, tuple[Maker, dict[str, object], str]] = {
     "VHD in disguise": (vhd, {}, "VHD"),
     "version not the manifest's family": (good_copy, {"version": "2.0"}, "family"),
 }
-
-
-def store_snapshot(state_dir: Path) -> tuple[list[str], str]:
-    store = state_dir / "images"
-    files = sorted(str(p.relative_to(store)) for p in store.rglob("*")) if store.exists() else []
-    return files, hvagent(state_dir, "images", "list", "--json").stdout
 
 
 @pytest.fixture
