@@ -426,6 +426,10 @@ class Domain:
     metadata: Metadata
     guest_agent: GuestAgentChannel | None = GuestAgentChannel()
     rng: Rng | None = Rng()
+    # QEMU's pvpanic device: a guest kernel that panics says so (Linux's pvpanic-mmio driver), QEMU
+    # reports it and on_crash=destroy stops the domain, so a panic is seen at once (shut off,
+    # crashed) instead of a guest hanging until some timeout gives up on it.
+    pvpanic: bool = True
     # The OVMF pair of a UEFI domain. None: not chosen yet; Virt.define takes the one libvirt's
     # domain capabilities offer (agent.compat), and a domain rendered without it gets FALLBACK_UEFI.
     uefi: UefiPaths | None = None
@@ -504,6 +508,8 @@ class Domain:
         if self.rng is not None:
             devices.append(self.rng.element())
         _sub(devices, "memballoon", model="none")
+        if self.pvpanic:
+            _sub(devices, "panic", model="isa")  # the ISA pvpanic device at port 0x505
         return devices
 
     @classmethod
@@ -543,6 +549,7 @@ class Domain:
             metadata=Metadata.parse(vm),
             guest_agent=GuestAgentChannel() if GuestAgentChannel.find(devices) is not None else None,
             rng=Rng.parse(rng) if rng is not None else None,
+            pvpanic=any(p.get("model") == "isa" for p in devices.findall("panic")),
             uefi=None if uefi == FALLBACK_UEFI else uefi,  # what an unchosen pair renders as
         )
 

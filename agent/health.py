@@ -211,7 +211,8 @@ def check_once(ep: Endpoint, agent_key: str, expected_version_id: str, command: 
 def wait_healthy(ep: Endpoint, agent_key: str, expected_version_id: str, command: str | None, timeout: float,
                  *, halted: Callable[[], str | None] | None = None, sleep: Callable[[float], None] = time.sleep,
                  interval: float = 0.5) -> Check:
-    """Probe until healthy or ``timeout`` seconds pass; raise HealthError with the last reason.
+    """Probe until healthy or ``timeout`` seconds pass; raise HealthError with the last reason
+    decided before the deadline (a last probe that the deadline cut short says less than that).
 
     Failures that never fix themselves end the wait at once: a guest presenting another host
     key, and a guest that ``halted()`` says QEMU stopped (paused after an emulation or I/O
@@ -247,9 +248,20 @@ def wait_healthy(ep: Endpoint, agent_key: str, expected_version_id: str, command
             target = replace(target, host=address, locate=None)
         return check_once(target, agent_key, expected_version_id, command, deadline=deadline)
 
-    last = retrying(probe)
+    decided: Check | None = None  # the last failure that came before the deadline
+
+    def timed_probe() -> Check:
+        nonlocal decided
+        c = probe()
+        if not c.ok and time.monotonic() < deadline:
+            decided = c
+        return c
+
+    last = retrying(timed_probe)
     if last is None or not last.ok:
-        reason = last.reason if last else "not probed"
+        # a probe that the deadline cut short ("no time left") says less than the failure before it
+        shown = decided if last is not decided and decided is not None else last
+        reason = shown.reason if shown else "not probed"
         where = f"{target.host}:{target.port}" if target.host else "guest"
         raise HealthError(f"{where}: not healthy within {timeout:.0f}s: {reason}")
     return last

@@ -120,18 +120,23 @@ class Swapper(HostParts):
         for job in prepared:
             self.state.event("swap.shutoff", f"off after {self._clock() - job.t_down:.1f}s ({paths[job.old.name]})",
                              vm=job.old.name)
-        # 3. the same identity on the new disk; start
-        started: list[_Job] = []
+        # 3. the same identity on the new disk; defined one by one, started all at once
+        defined: list[_Job] = []
         for job in prepared:
             try:
                 self.virt.define(self.prov.domain(job.new, manifest, accel))
                 fault("swap.defined")
-                self.virt.start(job.old.name)
-                fault("swap.started")
-                self.state.event("swap.booting", f"started on {target.ref}", vm=job.old.name)
-                started.append(job)
+                defined.append(job)
             except HvError as e:
                 failed.append((job, f"could not start on {target.ref}: {e.message}", Fault.HOST))
+        started: list[_Job] = []
+        for job, error in zip(defined, self._start_all([j.old.name for j in defined]), strict=True):
+            if error is not None:
+                failed.append((job, f"could not start on {target.ref}: {error}", Fault.HOST))
+                continue
+            fault("swap.started")
+            self.state.event("swap.booting", f"started on {target.ref}", vm=job.old.name)
+            started.append(job)
         # 4. health of every started VM, in parallel and without the host lock
         say(f"booting {', '.join(j.old.name for j in started)} on {target.ref}, waiting for health")
         checks = self._health_phase([(j.new, j.intent, manifest.expected_version_id) for j in started])
@@ -154,6 +159,32 @@ class Swapper(HostParts):
                 self.state.event("swap.forced-off", f"still running {self.cfg.shutdown_timeout:.0f}s after its "
                                  "shutdown request", vm=name)
         return paths
+
+    def _start_all(self, names: list[str]) -> list[str | None]:
+        """Start the defined domains at once, each on a libvirt connection of its own: one QEMU's
+        start-up does not wait for another's, and none of the batch's downtime is spent queueing
+        (started one by one, the third of a batch of three came up 1 to 3 s after the first).
+        For each: None, or why it did not start."""
+
+        def one(name: str) -> str | None:
+            virt = self.virt.fork()
+            try:
+                virt.start(name)
+            except HvError as e:
+                return e.message
+            finally:
+                virt.close()
+            return None
+
+        if len(names) <= 1:
+            try:
+                for name in names:
+                    self.virt.start(name)
+            except HvError as e:
+                return [e.message]
+            return [None] * len(names)
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            return list(pool.map(one, names))
 
     def _health_phase(self, probes: list[tuple[VmRow, int, str]]) -> list[tuple[str | None, float]]:
         """Health of each (VM, its journal entry, expected VERSION_ID): None when healthy, else why

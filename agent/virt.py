@@ -90,7 +90,7 @@ _REASONS = {
     libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN: "unknown",
     libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",    # the guest powered off
     libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",  # someone pulled the plug (virsh destroy)
-    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed",      # QEMU died
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed",      # QEMU died, or the guest panicked (pvpanic)
     libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: "migrated",
     libvirt.VIR_DOMAIN_SHUTOFF_SAVED: "saved",
     libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed",        # QEMU did not start

@@ -194,7 +194,7 @@ def test_kill_at_fault_point_converges(state_dir: Path, group: str, point: str) 
         ok(state_dir, "apply", str(spec))  # healthy, its data disk formatted and mounted at /data
         marker = ok(state_dir, "ssh", vm, "--", "head -c 65536 /dev/urandom > /data/marker && sync && "
                     "sha256sum /data/marker").split()[0]
-        target = "tiny-1.2-broken-ssh" if group == "rollback" else "tiny-1.1"
+        target = "tiny-1.3-panic" if group == "rollback" else "tiny-1.1"  # panics at once: no health wait
         if group == "retire-move":  # pinned to 1.0: nothing moves until 1.0 is retired
             ok(state_dir, "images", "publish", str(image(target)))
             run_killed(state_dir, point, "images", "retire", "tiny-1.0", "--grace", "0", "--policy", "move")

@@ -254,7 +254,8 @@ def test_rollout_walks_hosts_in_order_and_leaves_pinned_vms(fleet: Fleet, tenant
 
 def test_broken_image_halts_the_fleet_at_the_first_host_whose_canary_fails(fleet: Fleet) -> None:
     before = {h: fleet.hv(h, "events") for h in HOSTS[1:]}
-    play = fleet.playbook("rollout.yml", "-e", f"image={IMAGES / 'tiny-1.2-broken-ssh.qcow2'}")
+    # 1.3's kernel panics at boot: the canary fails as soon as QEMU reports it, not after a timeout
+    play = fleet.playbook("rollout.yml", "-e", f"image={IMAGES / 'tiny-1.3-panic.qcow2'}")
     assert play.rc != 0
     assert re.search(r"hv1: .*halted", play.output), play.output[-3000:]
     assert play.recap["hv1"]["failed"] == 1 and "hv2" not in play.recap and "hv3" not in play.recap
@@ -263,9 +264,9 @@ def test_broken_image_halts_the_fleet_at_the_first_host_whose_canary_fails(fleet
     assert fleet.guest_version("hv1", "latest") == "1.1"
     # the canary (a throwaway VM) failed on hv1: no tenant VM went down there, none rolled back
     assert _events(fleet, "hv1", "rollout.canary-failed")
-    assert not [e for e in _events(fleet, "hv1", "swap.start") if "1.2" in e["message"]]
+    assert not [e for e in _events(fleet, "hv1", "swap.start") if "1.3" in e["message"]]
     for h in HOSTS[1:]:  # untouched: no image, no event
-        assert "1.2" not in {i["version"] for i in fleet.hv(h, "images", "list")}
+        assert "1.3" not in {i["version"] for i in fleet.hv(h, "images", "list")}
         assert fleet.hv(h, "events") == before[h]
 
 

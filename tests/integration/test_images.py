@@ -116,6 +116,12 @@ def test_panic_variant_panics(host: Host, tenant_key: KeyPair) -> None:
     spec = parse_spec({"vms": [vm]})
     row = host.provisioner.create(spec.vms[0])
     wait_for_console(VmPaths.of(host.cfg, "t-panic").console(row.uuid), "Kernel panic")
+    # the pvpanic device told QEMU, and on_crash=destroy stopped the domain: seen at once, not
+    # after a health timeout
+    deadline = time.monotonic() + 20
+    while (why := host.virt.halted("t-panic")) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert why == "the guest's QEMU stopped: shut off (crashed)", why
 
 
 def test_image_size_and_manifest() -> None:

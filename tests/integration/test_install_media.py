@@ -2,8 +2,9 @@
 
 images/build-installer writes an El Torito ISO (BIOS and UEFI) and a PXE bundle; images/build-from-iso
 boots one of them in a throwaway VM on a blank disk and writes the installed image. An installed image
-is, byte for byte, the image images/build writes for the same version, and it boots to SSH under
-libvirt (images/smoke). Each install is one short QEMU run (about 10 s to 20 s here).
+is, byte for byte, the image images/build writes for the same version, and it publishes and rolls
+out over a VM on the family's latest track like any other version. Each install is one short
+QEMU run (about 10 s to 20 s here).
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from agent.host import Host
+from agent.seed import KeyPair
+from agent.spec import parse_spec
+from agent.state import RolloutState
+from tests.conftest import ROOT, image
+from tests.integration.test_rollout import guest, version_id
 
 pytestmark = pytest.mark.integration
 IMAGES = ROOT / "images"
@@ -87,8 +93,9 @@ def test_pxe_bundle_lists_its_files(media: Path) -> None:
     assert m["cmdline"] in (bundle / "pxelinux.cfg/default").read_text()
 
 
-def test_install_from_iso_is_the_built_image_and_boots_to_ssh(media: Path, built_1_4: Path,
-                                                               state_dir: Path) -> None:
+def test_install_from_iso_is_the_built_image_and_rolls_out_over_a_1x_vm(media: Path, built_1_4: Path,
+                                                                          state_dir: Path, host: Host,
+                                                                          tenant_key: KeyPair) -> None:
     # state_dir: libvirt's QEMU user must reach the image (pytest's tmp_path is 0700)
     r = _run("build-from-iso", "--iso", media / "tinyiso-1.4.iso", "--out", state_dir, "--cache", CACHE)
     assert r.returncode == 0, r.stderr + r.stdout[-3000:]
@@ -96,9 +103,19 @@ def test_install_from_iso_is_the_built_image_and_boots_to_ssh(media: Path, built
     installed = state_dir / "tiny-1.4.qcow2"
     assert installed.read_bytes() == built_1_4.read_bytes()
     assert installed.with_suffix(".yaml").read_text() == built_1_4.with_suffix(".yaml").read_text()
-    smoke = subprocess.run([sys.executable, str(IMAGES / "smoke"), str(installed)], capture_output=True, text=True,
-                           timeout=300)
-    assert smoke.returncode == 0 and "RESULT PASS" in smoke.stdout, smoke.stdout[-3000:] + smoke.stderr
+    # published like any version, it is what a VM on the family's latest track moves to
+    host.catalog.publish(image("tiny-1.0"))
+    [vm] = parse_spec({"vms": [{"name": "t-installed", "owner": "alice", "image": "tiny-1.*", "data_disk": 1,
+                                "ssh_keys": [tenant_key.public]}]}).vms
+    host.provisioner.create(vm)
+    host.provisioner.wait(vm.name)
+    guest(host, vm.name, tenant_key, "echo kept > /data/f && sync")
+    ro = host.rollouts.on_publish(host.catalog.publish(installed))
+    assert ro is not None and host.rollouts.run(ro.id).state is RolloutState.DONE
+    row = host.state.vm(vm.name)
+    assert row is not None and (row.version, str(row.state)) == ("1.4", "running"), row
+    assert version_id(host, vm.name, tenant_key) == "1.4"
+    assert guest(host, vm.name, tenant_key, "cat /data/f").strip() == "kept"
 
 
 def test_install_over_pxe_is_the_built_image(media: Path, built_1_4: Path, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import paramiko
@@ -280,3 +281,71 @@ def test_reconcile_and_inbox_outlive_one_failure(daemon: Daemon, keys: dict[str,
     finally:
         (inbox / "failed").unlink(missing_ok=True)
     assert d.call("ops", "DELETE", "/v1/vms/a-slow", params={"purge": "true"}).status_code == 200
+
+
+def rss_kib(pid: int, field: str) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":")))
+
+
+def test_a_guest_printing_without_end_costs_the_daemon_no_memory(daemon: Daemon,
+                                                                 keys: dict[str, tuple[KeyPair, paramiko.PKey]]
+                                                                 ) -> None:
+    """A tenant's health command prints 32 MiB on each stream and fails (at its first run; later
+    runs fail at once, so the wait ends on that failure rather than on a run cut short): the
+    daemon's peak memory (reset first, then read) grows by far less than the output, and the
+    reason kept is the tail of stderr, one bounded line."""
+    d = daemon
+    ensure_published(d, "tiny-1.0")
+    akey, apk = keys["alice"]
+    flood = ("[ -e /run/flooded ] || { touch /run/flooded; head -c 33554432 /dev/zero; "
+             "head -c 33554432 /dev/zero | tr '\\0' x >&2; }; echo; echo last words >&2; exit 3")
+    Path(f"/proc/{d.proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = rss_kib(d.proc.pid, "VmHWM")
+    r = d.call("alice", "POST", "/v1/vms", json={"name": "a-loud", "image": "tiny-1.0", "ssh_keys": [akey.public],
+                                                "health": {"command": flood, "timeout": HEALTH_CAP}})
+    assert r.status_code == 202, r.text
+    try:
+        vm = d.wait_vm("alice", "a-loud", ("running", "failed"), timeout=HEALTH_CAP + 150)
+        grown_mib = (rss_kib(d.proc.pid, "VmHWM") - before) / 1024
+        assert vm["state"] == "failed", vm
+        reason = vm["reason"]
+        assert "exited 3" in reason and reason.endswith("last words") and "\n" not in reason, reason
+        assert len(reason) < 400, reason
+        assert grown_mib < 16, f"the daemon's peak RSS grew by {grown_mib:.0f} MiB"
+        assert guest(port(vm), apk, "ls /run/flooded").strip() == "/run/flooded"  # the flood did run
+        events = [e for e in d.events("a-loud") if e["kind"] == "vm.failed"]
+        assert events and all(len(e["message"]) < 400 for e in events), events
+    finally:
+        assert d.call("alice", "DELETE", "/v1/vms/a-loud", params={"purge": "true"}).status_code == 200
+
+
+def daemon_connections(pid: int, port: int) -> list[str]:
+    """The daemon's established TCP connections to a guest's forwarded SSH port."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", "dport", "=", f":{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if f"pid={pid}," in line]
+
+
+def test_a_failed_connect_leaves_no_connection_open(daemon: Daemon, keys: dict[str, tuple[KeyPair, paramiko.PKey]]
+                                                    ) -> None:
+    """The tenant replaces its guest's host key (root in its own guest may); after a stop and a
+    start the daemon's probe meets another key than the pinned one: the VM fails with that reason
+    and the probe's SSH connection, which had got as far as the key exchange, is closed (paramiko
+    keeps a failed client's transport thread and socket open otherwise)."""
+    d = daemon
+    ensure_published(d, "tiny-1.0")
+    akey, apk = keys["alice"]
+    vm = create(d, "alice", akey, "a-rekeyed")
+    try:
+        guest(port(vm), apk, "rm -f /var/lib/tiny/hostkeys/* && "
+                             "dropbearkey -t ed25519 -f /var/lib/tiny/hostkeys/dropbear_ed25519_host_key "
+                             ">/dev/null 2>&1 && sync")
+        assert d.call("alice", "POST", "/v1/vms/a-rekeyed/stop").status_code == 200
+        assert d.call("alice", "POST", "/v1/vms/a-rekeyed/start").status_code == 202
+        vm = d.wait_vm("alice", "a-rekeyed", ("running", "failed"))
+        assert vm["state"] == "failed" and "host key other than the pinned one" in vm["reason"], vm
+        time.sleep(1)
+        assert daemon_connections(d.proc.pid, port(vm)) == []
+    finally:
+        assert d.call("alice", "DELETE", "/v1/vms/a-rekeyed", params={"purge": "true"}).status_code == 200

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from agent.errors import EnvError, HealthError
@@ -92,3 +94,24 @@ def test_another_host_key_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None
         wait_healthy(Endpoint("127.0.0.1", 22, "root", "ssh-ed25519 AAAA"), "key", "1.0", None, timeout=600,
                      sleep=lambda _s: None, interval=0)
     assert calls == [1]
+
+
+def test_a_probe_cut_short_by_the_deadline_does_not_hide_the_failure_before_it(monkeypatch: pytest.MonkeyPatch
+                                                                            ) -> None:
+    """The wait's last probe starts just before the deadline and is cut short ("no time left"):
+    the reason given is the failure decided before it, the one that says what is wrong."""
+    from agent import health
+
+    answers = iter([health.Check(False, "health command exited 3: last words"),
+                    health.Check(False, "ssh: TimeoutError: 'cat /etc/os-release': no time left to run it")])
+
+    def fake_check(*_a: object, **_k: object) -> health.Check:
+        answer = next(answers)
+        if "no time left" in answer.reason:
+            time.sleep(0.3)  # the deadline passes while this probe runs
+        return answer
+
+    monkeypatch.setattr(health, "check_once", fake_check)
+    with pytest.raises(HealthError, match=r"not healthy within 0s: health command exited 3: last words$"):
+        wait_healthy(Endpoint("127.0.0.1", 22, "root", "ssh-ed25519 AAAA"), "key", "1.0", "false", timeout=0.2,
+                     sleep=lambda _s: None, interval=0)
