@@ -30,6 +30,7 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -150,6 +151,9 @@ class Daemon:
         # A fatal signal (SIGSEGV, SIGABRT in a C library) leaves every thread's stack in the log
         # instead of a silently vanished daemon whose clients see "connection reset by peer".
         faulthandler.enable(file=sys.stderr, all_threads=True)
+        # `kill -USR1 PID`: every thread's stack to the log, and the daemon goes on (a stuck call's
+        # whereabouts, without a debugger on the host)
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
         start_event_loop()  # before any libvirt connection is opened
         tls = server_context(self.cfg.api.tls) if self.cfg.api.tls is not None else None  # bad files: fail now
         host = self.host()

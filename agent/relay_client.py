@@ -15,6 +15,7 @@ import io
 import json
 import os
 import select
+import socket
 import ssl
 import termios
 import threading
@@ -37,14 +38,28 @@ _BY_STATUS: dict[int, type[HvError]] = {400: InputError, 401: Unauthorized, 403:
                                          409: Conflict, 422: InputError}
 
 
-def connect_relay(url: str, token: str, ssl_context: ssl.SSLContext | None, what: str = "ssh relay"
-                  ) -> ClientConnection:
+class _Connection(ClientConnection):
+    """websockets' client connection, whose close also wakes its reader thread. Over TLS 1.3 the
+    server's session ticket makes the socket readable; the reader thread then blocks in the TLS
+    read for application data, and closing the socket from another thread does not wake it, so a
+    host that never answered the handshake held ``connect`` (which joins that thread) forever.
+    A shutdown does wake it."""
+
+    def close_socket(self) -> None:
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
+        super().close_socket()
+
+
+def connect_relay(url: str, token: str, ssl_context: ssl.SSLContext | None, what: str = "ssh relay",
+                  open_timeout: float = OPEN_TIMEOUT) -> ClientConnection:
     """The open WebSocket ``url`` (``ws://`` or ``wss://`` with ``ssl_context``): the relay to a
     guest's SSH port, or its console; to be used as a context manager (``with connect_relay(...)
     as ws:``), which closes it. ``what`` starts each error's line."""
     try:
         return connect(url, ssl=ssl_context, additional_headers={"Authorization": f"Bearer {token}"},
-                       user_agent_header=f"hvagent/{__version__}", compression=None, open_timeout=OPEN_TIMEOUT,
+                       user_agent_header=f"hvagent/{__version__}", compression=None, open_timeout=open_timeout,
+                       create_connection=_Connection,
                        max_size=1 << 20)
     except InvalidStatus as e:
         raise _refusal(url, e.response.status_code, bytes(e.response.body), what) from e

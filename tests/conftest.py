@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,3 +105,31 @@ def store_snapshot(state_dir: Path) -> tuple[list[str], str]:
     store = state_dir / "images"
     files = sorted(str(p.relative_to(store)) for p in store.rglob("*")) if store.exists() else []
     return files, hvagent(state_dir, "images", "list", "--json").stdout
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that used a daemon gets the daemon's own account of it: every thread's stack
+    (its SIGUSR1 dump) and the last lines of its log, in the report. CI keeps only the report."""
+    report = yield
+    if call.when == "call" and getattr(report, "failed", False):
+        from tests.integration.daemon_fixture import Daemon  # only integration tests have daemons
+
+        funcargs = getattr(item, "funcargs", {})
+        seen: set[int] = set()
+        for value in funcargs.values():
+            d = value if isinstance(value, Daemon) else getattr(value, "d", None)
+            if not isinstance(d, Daemon) or d.proc.pid in seen:
+                continue
+            seen.add(d.proc.pid)
+            if d.proc.poll() is None:
+                os.kill(d.proc.pid, signal.SIGUSR1)
+                time.sleep(1)
+            with contextlib.suppress(OSError):
+                lines = d.log.read_text(errors="replace").splitlines()[-DAEMON_LOG_LINES:]
+                report.sections.append((f"daemon pid {d.proc.pid}: {d.log}, last {len(lines)} lines",
+                                        "\n".join(lines)))
+    return report  # type: ignore[no-any-return]
+
+
+DAEMON_LOG_LINES = 80

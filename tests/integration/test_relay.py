@@ -321,7 +321,7 @@ def test_the_console_shows_the_guests_prompt_and_takes_input(site: Site, guest: 
         shown = read_until(ws, b"Password: ")
         assert b"typed-by-alice" in shown, shown
         ws.send(b"wrong\r")
-        read_until(ws, b"login: ", timeout=30, poke=b"\r")
+        read_until(ws, b"login: ", poke=b"\r")
 
         # a second session is refused while this one is open, named as such
         with pytest.raises(Conflict, match=f"^vm {VM}: another console session is open; force takes it over"):
@@ -336,7 +336,7 @@ def test_the_console_shows_the_guests_prompt_and_takes_input(site: Site, guest: 
             relay_client.connect_relay(console_url(site, query="?port=22"), token["alice"], site.tls, "console")
         # the first session goes on meanwhile
         ws.send(b"\r")
-        read_until(ws, b"login: ", timeout=30)
+        read_until(ws, b"login: ")
 
         # --force takes it over: the first is closed, saying why
         with relay_client.connect_relay(console_url(site, query="?force=true"), token["alice"], site.tls,

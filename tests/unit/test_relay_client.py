@@ -8,9 +8,12 @@ from __future__ import annotations
 import io
 import os
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from websockets.sync.server import ServerConnection, serve
@@ -18,6 +21,7 @@ from websockets.sync.server import ServerConnection, serve
 from agent import relay_client
 from agent.errors import EnvError
 from agent.remote import UNREACHED
+from tests.tlsca import TestCA
 
 pytestmark = pytest.mark.unit
 
@@ -84,3 +88,44 @@ def test_an_unreachable_host_has_a_hint() -> None:
         with pytest.raises(EnvError) as e:
             relay_client.connect_relay(f"ws://127.0.0.1:{port}/v1/vms/x/ssh", "t", None)
     assert "ssh relay: " in str(e.value) and e.value.hint == UNREACHED
+
+
+def test_a_host_that_never_answers_the_handshake_is_given_up_at_the_open_timeout(tmp_path: Path) -> None:
+    """Over TLS 1.3 the server's session ticket makes the socket readable, and websockets' reader
+    thread then blocks in the TLS read for application data that never comes; closing the socket
+    does not wake it. Seen in CI: a relay whose daemon did not answer held its client 900 s."""
+    ca = TestCA(tmp_path, "test CA")
+    issued = ca.server()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(issued.cert, issued.key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def silent() -> None:  # completes TLS, reads the request, never answers
+        conn, _ = listener.accept()
+        tls = server_tls.wrap_socket(conn, server_side=True)
+        tls.recv(4096)
+        held.append(tls)
+
+    threading.Thread(target=silent, daemon=True).start()
+    url = f"wss://127.0.0.1:{listener.getsockname()[1]}/v1/vms/x/ssh"
+    outcome: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            relay_client.connect_relay(url, "t", ssl.create_default_context(cafile=str(ca.cert)), open_timeout=1.0)
+        except BaseException as e:  # handed to the test's thread
+            outcome.append(e)
+
+    thread = threading.Thread(target=client, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(15)
+    try:
+        assert not thread.is_alive(), "connect_relay still waits for a host that never answers"
+        assert len(outcome) == 1 and isinstance(outcome[0], EnvError), outcome
+        assert "timed out" in str(outcome[0]) and time.monotonic() - started < 10
+    finally:
+        for s in held:
+            s.close()
+        listener.close()
