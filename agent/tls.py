@@ -16,7 +16,7 @@ def server_context(tls: Tls) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # No TLS 1.3 session tickets: no client of this API resumes sessions, and with tickets a
     # WebSocket handshake sometimes never reached the app (about 1 relay test run in 7 here: the
-    # request sat unread on the server's side of TLS while the client had the tickets; 0 in 9
+    # request sat unread on the server's side of TLS while the client had the tickets; 0 in 16
     # runs without them). A suspected asyncio SSL read path, not proven; see the notes.
     ctx.num_tickets = 0
     _readable(tls.cert, "api.tls.cert")
