@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -107,12 +107,16 @@ def store_snapshot(state_dir: Path) -> tuple[list[str], str]:
     return files, hvagent(state_dir, "images", "list", "--json").stdout
 
 
+DAEMON_LOG_LINES = 80
+
+
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A failed test that used a daemon gets the daemon's own account of it: every thread's stack
     (its SIGUSR1 dump) and the last lines of its log, in the report. CI keeps only the report."""
     report = yield
-    if call.when == "call" and getattr(report, "failed", False):
+    if call.when == "call" and report.failed:
         from tests.integration.daemon_fixture import Daemon  # only integration tests have daemons
 
         funcargs = getattr(item, "funcargs", {})
@@ -129,7 +133,4 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 lines = d.log.read_text(errors="replace").splitlines()[-DAEMON_LOG_LINES:]
                 report.sections.append((f"daemon pid {d.proc.pid}: {d.log}, last {len(lines)} lines",
                                         "\n".join(lines)))
-    return report  # type: ignore[no-any-return]
-
-
-DAEMON_LOG_LINES = 80
+    return report
